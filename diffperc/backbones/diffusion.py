@@ -1,0 +1,427 @@
+"""Stable Diffusion (1.x / 2.x) UNet as a perception backbone.
+
+Multi-scale features are the outputs of chosen UNet modules (diffusers module paths, taken
+with forward hooks), for an image encoded by the VAE, noised to a chosen timestep with the
+model's own DDPM schedule and conditioned on a prompt; cross-attention probabilities are
+captured per resolution. Recipes: VPD (Zhao et al., ICCV 2023, arXiv 2303.02153; t=1, no
+noise, four decoder taps, attention maps) and DIFT (Tang et al., NeurIPS 2023, arXiv
+2306.03881; t=261, ``up_blocks.1``, ensemble of 8). See ANCHORS.md sections 1-2.
+
+The UNet forward is never copied: hooks read outputs, and a hook on the last requested
+layer raises a private sentinel so the rest of the UNet does not run (same results, less
+compute).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
+from ._checks import check_images, check_latents, check_prompt_embeds, check_prompts, pad_to_multiple
+from .attention import AttentionStore, cross_attention_names, install_attention_capture
+
+__all__ = ["DiffusionBackbone", "LAYER_PRESETS", "resolve_layers"]
+
+log = logging.getLogger(__name__)
+
+LAYER_PRESETS = ("dift", "vpd")
+_PROMPT_CACHE_SIZE = 1024
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last requested layer to end the UNet forward early."""
+
+
+def _first_tensor(output: Any) -> Tensor:
+    """A module's feature: the tensor itself, or the first element of a tuple / output class."""
+    while not isinstance(output, Tensor):
+        output = output[0]
+    return output
+
+
+def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """Turn a preset name or a list of module paths into validated module paths.
+
+    ``"dift"`` -> ``["up_blocks.1"]``. ``"vpd"`` -> per up block, the last layer before its
+    upsampler (attention if the block has one, else resnet); for SD 1.5 that is LDM's
+    output_blocks 1, 4, 7, 11: ``up_blocks.0.resnets.1, up_blocks.1.attentions.1,
+    up_blocks.2.attentions.1, up_blocks.3.attentions.2``.
+    """
+    if isinstance(layers, str):
+        if layers == "dift":
+            layers = ["up_blocks.1"]
+        elif layers == "vpd":
+            layers = []
+            for i, block in enumerate(unet.up_blocks):
+                seq = "attentions" if getattr(block, "attentions", None) else "resnets"
+                idx = len(getattr(block, seq)) - (2 if block.upsamplers is not None else 1)
+                layers.append(f"up_blocks.{i}.{seq}.{idx}")
+        else:
+            layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: give module paths such as ['up_blocks.1'] or a preset 'dift'/'vpd'")
+    valid = dict(unet.named_modules())
+    for name in layers:
+        if name not in valid or name == "":
+            import difflib
+
+            close = difflib.get_close_matches(name, list(valid), n=8, cutoff=0.5)
+            blocks = [n for n in valid if n.count(".") <= 1 and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
+            raise ValueError(
+                f"unknown UNet layer {name!r}. Presets: {list(LAYER_PRESETS)}. Close matches: {close or 'none'}. "
+                f"Blocks: {blocks}. Any path of `dict(unet.named_modules())` works."
+            )
+    return layers
+
+
+class DiffusionBackbone(nn.Module):
+    """Text-conditioned multi-scale UNet features and cross-attention maps.
+
+    Args:
+        vae, unet, text_encoder, tokenizer, scheduler: Stable Diffusion components
+            (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``, ``CLIPTokenizer``,
+            a scheduler whose config has the DDPM betas; it is rebuilt as ``DDPMScheduler``).
+        layers: UNet module paths whose outputs are the features, or a preset ``"dift"``/``"vpd"``.
+        timestep: t in [0, num_train_timesteps) given to the UNet.
+        add_noise: noise the latents to t (DIFT) or feed the clean latents (VPD: t=1, False).
+        ensemble_size: E noisy copies per image, run batched and averaged.
+        ensemble_chunk: at most this many copies per UNet call (None: all E at once).
+        attention: capture cross-attention maps.
+        attention_resolutions: reductions (image size / map size) to keep; None keeps all.
+        latent_sample: ``"mean"`` of the VAE posterior (default) or a ``"sample"`` of it.
+        trainable: fine-tune the UNet (VPD); the VAE and text encoder stay frozen.
+        gradient_checkpointing: checkpoint UNet blocks when trainable.
+        pad: zero-pad images whose size is not a multiple of ``size_multiple`` (bottom/right)
+            and crop outputs back, instead of raising.
+        name_or_path: where the weights came from (recorded in ``config``).
+    """
+
+    def __init__(
+        self, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
+        layers: str | Sequence[str] = "dift", timestep: int = 261, add_noise: bool = True,
+        ensemble_size: int = 1, ensemble_chunk: int | None = None, attention: bool = False,
+        attention_resolutions: Sequence[int] | None = None, latent_sample: str = "mean",
+        trainable: bool = False, gradient_checkpointing: bool = False, pad: bool = False,
+        name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
+        self.scheduler = DDPMScheduler.from_config(scheduler.config)
+        n_train = self.scheduler.config.num_train_timesteps
+        if not 0 <= int(timestep) < n_train:
+            raise ValueError(f"timestep must be in [0, {n_train}), got {timestep}")
+        if ensemble_size < 1 or (ensemble_chunk is not None and ensemble_chunk < 1):
+            raise ValueError(f"ensemble_size and ensemble_chunk must be >= 1, got {ensemble_size}, {ensemble_chunk}")
+        if latent_sample not in ("mean", "sample"):
+            raise ValueError(f"latent_sample must be 'mean' or 'sample', got {latent_sample!r}")
+        self.layers = resolve_layers(unet, layers)
+        self.timestep, self.add_noise, self.latent_sample = int(timestep), add_noise, latent_sample
+        self.ensemble_size, self.ensemble_chunk = ensemble_size, ensemble_chunk
+        self.attention = attention
+        self.attention_resolutions = None if attention_resolutions is None else sorted(set(attention_resolutions))
+        self.trainable, self.pad = trainable, pad
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_factor * self.unet_factor
+        self.config = {
+            "name_or_path": name_or_path, "layers": self.layers, "timestep": self.timestep,
+            "add_noise": add_noise, "ensemble_size": ensemble_size, "ensemble_chunk": ensemble_chunk,
+            "attention": attention, "attention_resolutions": self.attention_resolutions,
+            "latent_sample": latent_sample, "trainable": trainable,
+            "gradient_checkpointing": gradient_checkpointing, "pad": pad,
+        }
+        self._store = AttentionStore()
+        self.attention_layers = cross_attention_names(unet)
+        if attention:
+            install_attention_capture(unet, self._store)
+        self._prompt_cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.prompt_cache_stats = {"hits": 0, "misses": 0}
+        self._feature_info: FeatureInfoList | None = None
+        self._stop_after: str | None = None
+        for module in (vae, text_encoder):
+            module.requires_grad_(False).eval()
+        unet.requires_grad_(trainable)
+        if trainable and gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.train(False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_components(cls, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any,
+                        scheduler: Any, **kwargs: Any) -> DiffusionBackbone:
+        """Build from already-loaded diffusers/transformers components (see class Args)."""
+        return cls(vae, unet, text_encoder, tokenizer, scheduler, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, revision: str | None = None, variant: str | None = None,
+        torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+        local_files_only: bool | None = None, **kwargs: Any,
+    ) -> DiffusionBackbone:
+        """Load a diffusers-format SD model (hub id or local folder) or a single-file checkpoint.
+
+        Args:
+            name_or_path: e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``,
+                ``"stabilityai/stable-diffusion-2-1"``, a local folder with ``model_index.json``,
+                or a ``.safetensors``/``.ckpt`` single file.
+            revision, variant: hub revision and weight variant (e.g. ``"fp16"``).
+            torch_dtype: dtype of the loaded weights (fp32 by default; the Trainer picks precision).
+            device: where to put the model.
+            local_files_only: never touch the network (defaults to ``HF_HUB_OFFLINE``).
+            **kwargs: backbone options (``layers``, ``timestep``, ...; see the class).
+        """
+        from ._loading import load_components
+
+        parts = load_components(name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                                local_files_only=local_files_only)
+        model = cls(**parts, name_or_path=str(name_or_path), **kwargs)
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the components as a diffusers folder that :meth:`from_pretrained` reads back."""
+        from ._loading import save_components
+
+        save_components(folder, self.vae, self.unet, self.text_encoder, self.tokenizer, self.scheduler)
+
+    # ------------------------------------------------------------------ mode
+    def train(self, mode: bool = True) -> DiffusionBackbone:
+        """Only a trainable UNet follows train mode; the VAE and text encoder stay in eval."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        self.unet.train(mode and self.trainable)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------ feature info
+    @property
+    def feature_info(self) -> FeatureInfoList:
+        """Name, channels and reduction of each feature map, measured by a tiny UNet forward."""
+        if self._feature_info is None:
+            self._probe()
+        return self._feature_info
+
+    @torch.no_grad()
+    def _probe(self) -> None:
+        """Run the UNet once at its smallest size to learn channels, reductions and run order."""
+        side = self.unet_factor
+        latents = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
+        embeds = torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
+        order: list[str] = []
+        outs: dict[str, Tensor] = {}
+
+        def record(name: str, module: nn.Module, args: Any, output: Any) -> None:
+            order.append(name)
+            outs[name] = _first_tensor(output)
+
+        hooks = [self.unet.get_submodule(n).register_forward_hook(partial(record, n)) for n in self.layers]
+        was_active, self._store.active = self._store.active, False
+        try:
+            self.unet(latents, torch.zeros(1, device=self.device, dtype=torch.long), encoder_hidden_states=embeds)
+        finally:
+            self._store.active = was_active
+            for h in hooks:
+                h.remove()
+        missing = [n for n in self.layers if n not in outs]
+        if missing:
+            raise ValueError(f"layers {missing} did not run in the UNet forward; pick modules on the forward path")
+        info = FeatureInfoList()
+        for name in self.layers:
+            c, hw = self._map_shape(outs[name], (side, side))
+            info.append(FeatureInfo(name, c, self.vae_factor * side // hw[0]))
+        self._feature_info, self._stop_after = info, order[-1]
+
+    @staticmethod
+    def _map_shape(x: Tensor, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        if x.ndim == 4:
+            return x.shape[1], tuple(x.shape[2:])
+        if x.ndim == 3:  # (B, N, C) tokens of a transformer layer
+            r = round((latent_hw[0] * latent_hw[1] / x.shape[1]) ** 0.5)
+            return x.shape[2], (latent_hw[0] // r, latent_hw[1] // r)
+        raise ValueError(f"layer output of shape {tuple(x.shape)} is not a feature map (B, C, h, w) or tokens (B, N, C)")
+
+    # ------------------------------------------------------------------ steps
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> latents (B, C, H/f, W/f): VAE posterior mean (or sample) x scaling_factor."""
+        images = check_images(images, self.size_multiple, pad=False, dtype=self.vae.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(images * 2 - 1).latent_dist
+            latents = dist.mean if self.latent_sample == "mean" else dist.sample(generator)
+        return latents * self.vae.config.scaling_factor
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> text encoder last hidden states (B, L, D), cached by prompt string."""
+        out = []
+        for p in prompts:
+            if p in self._prompt_cache:
+                self._prompt_cache.move_to_end(p)
+                self.prompt_cache_stats["hits"] += 1
+            else:
+                self.prompt_cache_stats["misses"] += 1
+                self._prompt_cache[p] = self._encode_text(p)
+                if len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
+                    self._prompt_cache.popitem(last=False)
+            out.append(self._prompt_cache[p])
+        return torch.cat(out).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _encode_text(self, prompt: str) -> Tensor:
+        tok = self.tokenizer
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        n_full = len(tok(prompt).input_ids)
+        if n_full > tok.model_max_length:
+            warnings.warn(f"prompt {prompt!r} has {n_full} tokens; truncated to the text encoder's "
+                          f"{tok.model_max_length}", stacklevel=4)
+        te = self.text_encoder
+        return te(ids.to(te.device)).last_hidden_state.detach()
+
+    def _noisy_latents(self, latents: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """(B, C, h, w) -> (B*E, C, h, w) image-major copies, noised to t unless add_noise is False."""
+        e = self.ensemble_size
+        rep = latents.repeat_interleave(e, dim=0)
+        if not self.add_noise:
+            return rep
+        if noise is None:
+            noise = torch.randn(rep.shape, generator=generator, device=rep.device, dtype=rep.dtype)
+        elif noise.shape != rep.shape:
+            raise ValueError(f"noise must have shape (B*E, C, h, w) = {tuple(rep.shape)}, image-major; "
+                             f"got {tuple(noise.shape)}")
+        t = torch.full((rep.shape[0],), self.timestep, device=rep.device, dtype=torch.long)
+        return self.scheduler.add_noise(rep, noise.to(rep), t)
+
+    def _run_unet(self, x: Tensor, embeds: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """One UNet call on (N, C, h, w); returns the tapped features and attention maps."""
+        if self._stop_after is None:
+            self._probe()
+        feats: dict[str, Tensor] = {}
+
+        def keep(name: str, module: nn.Module, args: Any, output: Any) -> None:
+            feats[name] = _first_tensor(output)
+            if name == self._stop_after:
+                raise _StopForward
+
+        hooks = [self.unet.get_submodule(n).register_forward_hook(partial(keep, n)) for n in self.layers]
+        keep_res = None if self.attention_resolutions is None else set(self.attention_resolutions)
+        if self.attention:
+            self._store.begin(tuple(x.shape[-2:]), self.vae_factor, keep_res)
+        t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
+        try:
+            self.unet(x, t, encoder_hidden_states=embeds)
+        except _StopForward:
+            pass
+        finally:
+            self._store.end()
+            for h in hooks:
+                h.remove()
+        maps = self._store.maps() if self.attention else {}
+        out = []
+        for name in self.layers:
+            f = feats[name]
+            if f.ndim == 3:
+                c, (h, w) = self._map_shape(f, tuple(x.shape[-2:]))
+                f = f.transpose(1, 2).reshape(f.shape[0], c, h, w)
+            out.append(f)
+        return out, maps
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, images: Tensor | None = None, prompts: str | Sequence[str] | None = None,
+        prompt_embeds: Tensor | None = None, latents: Tensor | None = None, noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> BackboneOutput:
+        """Features (and attention maps) of a batch.
+
+        Args:
+            images: (B, 3, H, W) floats in [0, 1]; H, W multiples of ``size_multiple`` (or ``pad=True``).
+            prompts: one string for all images or B strings; default the empty prompt "".
+            prompt_embeds: (B, L, D) or (1, L, D) text embeddings instead of prompts (any L).
+            latents: (B, C, h, w) VAE latents (already x scaling_factor) instead of images.
+            noise: (B*E, C, h, w) noise, image-major (E copies of image 0 first); default random.
+            generator: seeds the noise (and the VAE sample when ``latent_sample="sample"``).
+
+        Returns:
+            BackboneOutput: ``features`` one (B, C_i, H/r_i, W/r_i) per ``feature_info`` entry,
+            averaged over the ensemble; ``attention`` {r: (B, L, H/r, W/r)} if enabled.
+        """
+        if (images is None) == (latents is None):
+            raise ValueError("pass exactly one of images (B, 3, H, W) in [0, 1] or latents (B, C, h, w)")
+        size = None
+        if images is not None:
+            size = tuple(images.shape[-2:]) if isinstance(images, Tensor) else None
+            images = check_images(images, self.size_multiple, pad=self.pad, dtype=self.vae.dtype)
+            if self.pad:
+                images = pad_to_multiple(images, self.size_multiple)
+            latents = self.encode_images(images, generator)
+        else:
+            latents = check_latents(latents, self.unet.config.in_channels, self.unet_factor, dtype=self.dtype)
+        batch = latents.shape[0]
+        embeds = self._embeds(batch, prompts, prompt_embeds)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            feats, maps = self._ensemble(latents, embeds, noise, generator)
+        if size is not None and self.pad:
+            feats = [f[..., : -(-size[0] // r), : -(-size[1] // r)] for f, r in zip(feats, self._reductions(), strict=True)]
+            maps = {r: m[..., : -(-size[0] // r), : -(-size[1] // r)] for r, m in maps.items()}
+        return BackboneOutput(features=feats, attention=maps if self.attention else None)
+
+    def _reductions(self) -> list[int]:
+        return self.feature_info.reductions()
+
+    def _embeds(self, batch: int, prompts: str | Sequence[str] | None, prompt_embeds: Tensor | None) -> Tensor:
+        if prompts is not None and prompt_embeds is not None:
+            raise ValueError("pass prompts or prompt_embeds, not both")
+        if prompt_embeds is not None:
+            return check_prompt_embeds(prompt_embeds, batch, self.unet.config.cross_attention_dim).to(self.device, self.dtype)
+        return self.encode_prompt(check_prompts(prompts, batch))
+
+    def _ensemble(self, latents: Tensor, embeds: Tensor, noise: Tensor | None,
+                  generator: torch.Generator | None) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """Run the E copies (chunked) and average features and maps over them."""
+        b, e = latents.shape[0], self.ensemble_size
+        x = self._noisy_latents(latents, noise, generator).view(b, e, *latents.shape[1:])
+        cond = embeds.unsqueeze(1).expand(b, e, *embeds.shape[1:])
+        chunk = self.ensemble_chunk or e
+        feat_sums: list[Tensor] | None = None
+        map_sums: dict[int, Tensor] = {}
+        for start in range(0, e, chunk):
+            n = min(chunk, e - start)
+            xs = x[:, start : start + n].reshape(b * n, *latents.shape[1:])
+            cs = cond[:, start : start + n].reshape(b * n, *embeds.shape[1:])
+            feats, maps = self._run_unet(xs, cs)
+            feats = [f.view(b, n, *f.shape[1:]).sum(1) for f in feats]
+            feat_sums = feats if feat_sums is None else [a + f for a, f in zip(feat_sums, feats, strict=True)]
+            for r, m in maps.items():
+                m = m.view(b, n, *m.shape[1:]).sum(1)
+                map_sums[r] = map_sums[r] + m if r in map_sums else m
+        feats = [f / e for f in feat_sums]
+        maps = {r: (m / e).to(self.dtype) for r, m in map_sums.items()}
+        return feats, maps
+
+    def extra_repr(self) -> str:
+        return (f"layers={self.layers}, timestep={self.timestep}, add_noise={self.add_noise}, "
+                f"ensemble_size={self.ensemble_size}, attention={self.attention}, trainable={self.trainable}")
+
+
+def interpolate_features(features: list[Tensor], size: tuple[int, int]) -> list[Tensor]:
+    """Bilinearly resize every map of a feature list to ``size`` (align_corners=False)."""
+    return [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features]
