@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
 __all__ = ["AttentionStore", "StoreCrossAttnProcessor", "install_attention_capture", "cross_attention_names"]
@@ -78,11 +77,13 @@ class StoreCrossAttnProcessor:
     """``AttnProcessor`` arithmetic that also reports softmax probabilities to a store."""
 
     def __init__(self, store: AttentionStore) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.store = store
         self.fallback = AttnProcessor2_0()
 
     def __call__(
-        self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+        self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs,
     ) -> Tensor:
         seq_len = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
@@ -117,6 +118,8 @@ class StoreCrossAttnProcessor:
 
 def cross_attention_names(unet: nn.Module) -> list[str]:
     """Module paths of the cross-attention layers of a UNet, in registration order."""
+    from diffusers.models.attention_processor import Attention
+
     return [name for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
 
 

@@ -133,3 +133,7 @@ def digits(**kw: Any) -> nn.Module:
 
     kw.setdefault("layers", "vpd")
     return DiffusionBackbone.from_pretrained(bundled_model_path(), **kw)
+
+# presets defined beside their classes register on import
+from . import dinov2 as _dinov2  # noqa: E402,F401
+from . import fused as _fused  # noqa: E402,F401

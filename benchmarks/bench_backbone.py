@@ -1,0 +1,205 @@
+"""Backbone speed and memory on the SD-1.5 UNet architecture (random weights, no download).
+
+Compares, in one run and against a baseline measured in the same run:
+  (a) baseline: a plain full UNet forward with forward hooks on the taps,
+  (b) ``DiffusionBackbone`` early-stopped after ``up_blocks.1`` (DIFT),
+  (c0) the ``vpd`` layers without attention capture, (c) the same with capture,
+  (e) an ensemble of 8 as one batched call vs 8 sequential passes (``ensemble_chunk=1``).
+Latents are passed directly (``latents=``) so the VAE is not part of the timing, and a
+fixed prompt embedding stands in for the text encoder. Configs are timed round-robin (median
+of ``--reps``) so machine noise hits all alike. Peak memory: CUDA's peak allocation on a
+GPU; on a CPU the peak RSS of a fresh subprocess per config, minus its RSS after building.
+
+    python benchmarks/bench_backbone.py                 # CPU, sizes 256 and 512
+    python benchmarks/bench_backbone.py --device cuda --dtype float16 --sizes 512 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+)
+CONFIGS = ("a_full_hooks", "b_dift_early_stop", "c0_vpd", "c_vpd_attention")
+
+
+def build(device: str, dtype: torch.dtype):
+    """An SD-1.5-shaped DiffusionBackbone factory with random UNet weights (shared by all configs)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from diffperc import DiffusionBackbone
+    from diffperc.backbones.tiny import tiny_sd_components
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype).eval()
+    tiny = tiny_sd_components()
+    vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), norm_num_groups=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    def make(**kw) -> DiffusionBackbone:
+        bb = DiffusionBackbone(vae=vae, unet=unet, text_encoder=tiny["text_encoder"], tokenizer=tiny["tokenizer"],
+                               scheduler=sched, **kw)
+        bb.vae.to(device, dtype)
+        return bb
+
+    return unet, make
+
+
+def runners(unet, make, size: int, device: str, dtype: torch.dtype) -> dict:
+    """Config name -> zero-argument callable that runs one batch-1 forward."""
+    from diffperc.backbones.diffusion import resolve_layers
+
+    lat = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=dtype)
+    emb = torch.randn(1, 77, 768, device=device, dtype=dtype)
+    vpd = resolve_layers(unet, "vpd")
+
+    @torch.no_grad()
+    def full_with_hooks() -> None:
+        feats = {}
+        hooks = [unet.get_submodule(n).register_forward_hook(partial(lambda n, m, a, o: feats.setdefault(n, o), n))
+                 for n in vpd]
+        try:
+            unet(lat, torch.tensor([261], device=device), encoder_hidden_states=emb)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    dift, c0, c = make(layers="dift"), make(layers="vpd"), make(layers="vpd", attention=True)
+    for bb in (dift, c0, c):
+        _ = bb.feature_info  # probe once, outside the timing
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    def plain_processors(fn):
+        def run() -> None:
+            unet.set_attn_processor(AttnProcessor2_0())
+            fn()
+        return run
+
+    def with_capture(bb):
+        def run() -> None:
+            from diffperc.backbones.attention import install_attention_capture
+
+            install_attention_capture(unet, bb._store)
+            bb(latents=lat, prompt_embeds=emb)
+        return run
+
+    return {
+        "a_full_hooks": plain_processors(full_with_hooks),
+        "b_dift_early_stop": plain_processors(lambda: dift(latents=lat, prompt_embeds=emb)),
+        "c0_vpd": plain_processors(lambda: c0(latents=lat, prompt_embeds=emb)),
+        "c_vpd_attention": with_capture(c),
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_configs(run: dict, reps: int, device: str) -> dict[str, float]:
+    times = {k: [] for k in run}
+    for fn in run.values():  # warm-up
+        fn()
+    for _ in range(reps):
+        for name, fn in run.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_memory(config: str, size: int, device: str, dtype: torch.dtype) -> float:
+    """Peak extra memory (MB) of one forward of ``config``."""
+    if device.startswith("cuda"):
+        unet, make = build(device, dtype)
+        fn = runners(unet, make, size, device, dtype)[config]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--_mem", config, "--sizes", str(size), "--dtype", str(dtype).split(".")[-1]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def _mem_child(config: str, size: int, dtype: torch.dtype) -> None:
+    unet, make = build("cpu", dtype)
+    fn = runners(unet, make, size, "cpu", dtype)[config]
+    base = rss_mb()
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
+    print(json.dumps({"peak_mb": max(0.0, peak - base)}))
+
+
+def ensemble_check(make, size: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float, list, list]:
+    lat = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=dtype)
+    emb = torch.randn(1, 77, 768, device=device, dtype=dtype)
+    batched, seq = make(layers="dift", ensemble_size=8), make(layers="dift", ensemble_size=8, ensemble_chunk=1)
+    calls: list[int] = []
+    h = batched.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    _ = batched.feature_info
+    _ = seq.feature_info
+    t = time_configs({"batched": lambda: batched(latents=lat, prompt_embeds=emb),
+                      "sequential": lambda: seq(latents=lat, prompt_embeds=emb)}, reps, device)
+    calls.clear()
+    batched(latents=lat, prompt_embeds=emb)
+    b_calls = list(calls)
+    calls.clear()
+    seq(latents=lat, prompt_embeds=emb)
+    h.remove()
+    return t["batched"], t["sequential"], b_calls, list(calls)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--ensemble-size-px", type=int, default=256)
+    p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args._mem:
+        return _mem_child(args._mem, args.sizes[0], dtype)
+    unet, make = build(args.device, dtype)
+    print(f"SD-1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params, random weights), "
+          f"{args.device} {args.dtype}, batch 1, threads {torch.get_num_threads()}, median of {args.reps}")
+    print("| config | image | s / image | vs (a) | peak MB | vs (a) |\n|---|---|---|---|---|---|")
+    for size in args.sizes:
+        t = time_configs(runners(unet, make, size, args.device, dtype), args.reps, args.device)
+        mem = {c: float("nan") if args.no_memory else peak_memory(c, size, args.device, dtype) for c in CONFIGS}
+        for c in CONFIGS:
+            print(f"| {c} | {size} | {t[c]:.3f} | {t['a_full_hooks'] / t[c]:.2f}x faster | {mem[c]:.0f} | "
+                  f"{mem[c] / mem['a_full_hooks']:.2f} |")
+        print(f"| attention capture overhead | {size} | {100 * (t['c_vpd_attention'] / t['c0_vpd'] - 1):+.1f}% | | | |")
+    tb, ts, cb, cs = ensemble_check(make, args.ensemble_size_px, args.device, dtype, args.reps)
+    print(f"\nEnsemble of 8 at {args.ensemble_size_px}px (dift): batched {tb:.3f} s in UNet calls of {cb}; "
+          f"ensemble_chunk=1 {ts:.3f} s in calls of {cs}; batched is {ts / tb:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
