@@ -13,7 +13,7 @@ Stable Diffusion at toy size:
 Data: scikit-learn's digits, images 0-1499 only (``diffperc.data.digits.load("train")``).
 Images 1500-1796 are never seen. Weights are written as fp16 safetensors (under 20 MB).
 
-    python scripts/train_digits.py --out checkpoints/digits            # ~25 min on 2 CPU cores
+    python scripts/train_digits.py --out checkpoints/digits   # ~32 min on 2 free CPU cores
     python scripts/train_digits.py --out /tmp/d --vae-steps 20 --unet-steps 20   # smoke run
 """
 
