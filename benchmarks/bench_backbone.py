@@ -8,7 +8,7 @@ Compares, in one run and against a baseline measured in the same run:
 Latents are passed directly (``latents=``) so the VAE is not part of the timing, and a
 fixed prompt embedding stands in for the text encoder. Configs are timed round-robin (median
 of ``--reps``) so machine noise hits all alike. Peak memory: CUDA's peak allocation on a
-GPU; on a CPU the peak RSS of a fresh subprocess per config, minus its RSS after building.
+GPU; on a CPU the peak resident memory of the forward above the resident memory before it.
 
     python benchmarks/bench_backbone.py                 # CPU, sizes 256 and 512
     python benchmarks/bench_backbone.py --device cuda --dtype float16 --sizes 512 768
@@ -17,11 +17,7 @@ GPU; on a CPU the peak RSS of a fresh subprocess per config, minus its RSS after
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from functools import partial
 
@@ -123,34 +119,35 @@ def time_configs(run: dict, reps: int, device: str) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _vm(field: str) -> float:
+    """A /proc/self/status field in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(config: str, size: int, device: str, dtype: torch.dtype) -> float:
-    """Peak extra memory (MB) of one forward of ``config``."""
+def peak_memory(fn, device: str) -> float:
+    """Peak extra memory (MB) of one call of ``fn``: CUDA peak allocation, or on a CPU the peak
+    RSS (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim)."""
     if device.startswith("cuda"):
-        unet, make = build(device, dtype)
-        fn = runners(unet, make, size, device, dtype)[config]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [sys.executable, __file__, "--_mem", config, "--sizes", str(size), "--dtype", str(dtype).split(".")[-1]]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    import ctypes
+    import gc
 
-
-def _mem_child(config: str, size: int, dtype: torch.dtype) -> None:
-    unet, make = build("cpu", dtype)
-    fn = runners(unet, make, size, "cpu", dtype)[config]
-    base = rss_mb()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _vm("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
-    print(json.dumps({"peak_mb": max(0.0, peak - base)}))
+    return _vm("VmHWM") - base
 
 
 def ensemble_check(make, size: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float, list, list]:
@@ -180,18 +177,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--ensemble-size-px", type=int, default=256)
-    p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    if args._mem:
-        return _mem_child(args._mem, args.sizes[0], dtype)
     unet, make = build(args.device, dtype)
     print(f"SD-1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params, random weights), "
           f"{args.device} {args.dtype}, batch 1, threads {torch.get_num_threads()}, median of {args.reps}")
     print("| config | image | s / image | vs (a) | peak MB | vs (a) |\n|---|---|---|---|---|---|")
     for size in args.sizes:
         t = time_configs(runners(unet, make, size, args.device, dtype), args.reps, args.device)
-        mem = {c: float("nan") if args.no_memory else peak_memory(c, size, args.device, dtype) for c in CONFIGS}
+        run = runners(unet, make, size, args.device, dtype)
+        mem = {c: float("nan") if args.no_memory else peak_memory(run[c], args.device) for c in CONFIGS}
         for c in CONFIGS:
             print(f"| {c} | {size} | {t[c]:.3f} | {t['a_full_hooks'] / t[c]:.2f}x faster | {mem[c]:.0f} | "
                   f"{mem[c] / mem['a_full_hooks']:.2f} |")

@@ -45,3 +45,81 @@ def load(split: str = "heldout", image_size: int = IMAGE_SIZE) -> tuple[Tensor, 
     labels = torch.as_tensor(data.target[_SPLITS[split]], dtype=torch.int64)
     images = F.interpolate(pixels[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
     return images.clamp(0, 1).repeat(1, 3, 1, 1).contiguous(), labels
+
+
+# ---------------------------------------------------------------------------- Lightning
+from lightning.pytorch import LightningDataModule  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+
+class DigitsDataset(Dataset):
+    """One split of the digits as ``{"image": (3, S, S) in [0, 1], "label": () int64}`` items.
+
+    Args:
+        split: ``"train"``, ``"heldout"`` or ``"all"`` (see :func:`load`).
+        image_size: side S of the images.
+        limit: keep only the first ``limit`` images (tiny runs); None keeps all.
+    """
+
+    def __init__(self, split: str = "train", image_size: int = IMAGE_SIZE, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        self.images, self.labels = load(split, image_size)
+        if limit is not None:
+            self.images, self.labels = self.images[:limit], self.labels[:limit]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+class DigitsDataModule(LightningDataModule):
+    """The digits for a task: train = the ``"train"`` split, val and test = ``"heldout"``.
+
+    Batches are ``{"image": (B, 3, S, S) in [0, 1], "label": (B,) int64 in 0-9}``.
+
+    Args:
+        batch_size: images per batch.
+        num_workers: DataLoader workers (0: load in the main process; the data is in memory).
+        limit: use at most this many images per split (tiny runs); None uses all.
+        image_size: side S of the images (32 for the bundled model).
+    """
+
+    num_classes = len(CLASS_WORDS)
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
+                 image_size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers, self.limit, self.image_size = batch_size, num_workers, limit, image_size
+        self.train_set: DigitsDataset | None = None
+        self.heldout_set: DigitsDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = DigitsDataset("train", self.image_size, self.limit)
+        if self.heldout_set is None:
+            self.heldout_set = DigitsDataset("heldout", self.image_size, self.limit)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.heldout_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.heldout_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.heldout_set, shuffle=False)
+
+
+__all__ += ["DigitsDataModule", "DigitsDataset"]

@@ -1,0 +1,391 @@
+"""The work behind ``diffperc demo``, ``diffperc extract`` and ``diffperc info`` (see ``cli.py``).
+
+Each command is a plain function, callable from Python and tests:
+
+- :func:`run_demo`: held-out digits captioned with their class -> PNGs of the PCA of every
+  feature layer and of every prompt token's cross-attention map (``viz.py``).
+- :func:`run_extract`: a folder of images -> features in safetensors, written atomically.
+- :func:`model_info`: feature layers, cross-attention layers with their reductions, sizes,
+  parameter counts and the scheduler of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__, viz
+from .backbones.registry import load_backbone
+
+__all__ = ["ExtractSummary", "IMAGE_SUFFIXES", "UnreadableImageError", "model_info", "native_size",
+           "prompt_tokens", "run_demo", "run_extract"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_CELL = 96  # pixels per picture in the demo grids
+
+
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot read (raised by ``extract --strict``)."""
+
+
+def native_size(bb: nn.Module) -> int:
+    """The image side a backbone was trained at (SD 1.5: 512, digits: 32), a multiple of ``size_multiple``."""
+    multiple = bb.size_multiple
+    unet = getattr(bb, "unet", None)
+    side = unet.config.sample_size * bb.vae_factor if unet is not None else 4 * multiple
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    return max(multiple, -(-side // multiple) * multiple)
+
+
+def prompt_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[str]]:
+    """Ids and readable strings of a prompt's real tokens, start and end token included, no padding."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    names = {tokenizer.bos_token: "<start>", tokenizer.eos_token: "<end>"}
+    return ids, [names.get(t, t.replace("</w>", "")) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def _parse_layers(layers: str) -> str | list[str]:
+    """``"vpd"``/``"dift"`` stay presets; ``"a, b"`` -> ``["a", "b"]``."""
+    return layers if layers in ("vpd", "dift") else [name.strip() for name in layers.split(",") if name.strip()]
+
+
+def _find(seq: list[int], sub: list[int]) -> list[int]:
+    """Positions of the first occurrence of ``sub`` in ``seq`` (empty if absent)."""
+    for i in range(len(seq) - len(sub) + 1):
+        if sub and seq[i : i + len(sub)] == sub:
+            return list(range(i, i + len(sub)))
+    return []
+
+
+# ---------------------------------------------------------------------------- demo
+def _demo_images(n: int, size: int) -> tuple[Tensor, Tensor]:
+    """``n`` held-out digits, cycling through the classes 0, 1, ..., 9, 0, ...: (n, 3, S, S), (n,)."""
+    from .data.digits import load
+
+    images, labels = load("heldout", image_size=size)
+    picks = [int((labels == i % 10).nonzero()[i // 10]) for i in range(n)]
+    return images[picks], labels[picks]
+
+
+def _run_batched(bb: nn.Module, images: Tensor, prompts: list[str], batch_size: int, seed: int):
+    """Backbone outputs of all images, ``batch_size`` at a time: features list, attention dict."""
+    gen = torch.Generator().manual_seed(seed)
+    feats, maps = [], []
+    for s in tqdm(range(0, len(images), batch_size), desc="backbone", unit="batch", file=sys.stderr):
+        with torch.no_grad():
+            out = bb(images[s : s + batch_size].to(bb.device), prompts=prompts[s : s + batch_size], generator=gen)
+        feats.append([f.float().cpu() for f in out.features])
+        maps.append({r: m.float().cpu() for r, m in (out.attention or {}).items()})
+    return [torch.cat(fs) for fs in zip(*feats, strict=True)], {r: torch.cat([m[r] for m in maps]) for r in maps[0]}
+
+
+def _feature_figure(bb: nn.Module, images: Tensor, words: list[str], feats: list[Tensor]):
+    """Rows: one image, then the joint-PCA RGB of each layer (same colours = same feature directions)."""
+    # Maps of 8+ pixels a side are fitted without their edge pixels (zero-padding outliers).
+    pcas = [viz.feature_pca(f, fit_border=int(min(f.shape[-2:]) >= 8)) for f in feats]  # each (N, 3, h, w)
+    tiles, labels = [], []
+    for i in range(len(images)):
+        tiles.append(viz.to_pil(images[i]).resize((_CELL, _CELL), Image.BILINEAR))
+        labels.append(f"input: {words[i]}\n")
+        for info, pca in zip(bb.feature_info, pcas, strict=True):
+            tiles.append(viz.to_pil(pca[i]).resize((_CELL, _CELL), Image.BILINEAR))  # smooth: easier to read
+            h, w = pca.shape[-2:]
+            labels.append(f"{info.name}\n{info.channels} ch, {h}x{w} (1/{info.reduction})" if i == 0 else "\n")
+    return viz.image_grid(tiles, nrow=1 + len(feats), labels=labels)
+
+
+def _prompt_share(maps: Tensor, n_tokens: int) -> Tensor:
+    """(L, h, w) attention over all L token slots -> (n, h, w) shares of the first n (the prompt's real
+    tokens), summing to 1 per pixel. Padding slots, which hold most of the probability in a short
+    prompt, are dropped, so the maps compare the words with each other."""
+    real = maps[:n_tokens]
+    return real / real.sum(0, keepdim=True).clamp_min(1e-12)
+
+
+def _word_figure(images: Tensor, words: list[str], spans: list[list[int]], n_tokens: list[int],
+                 maps: dict[int, Tensor]):
+    """Rows: one image, then its class word's attention map at each resolution (upsampled)."""
+    top = max(m.shape[-1] for m in maps.values())
+    rows = []
+    for i in range(len(images)):
+        per_res = [torch.nn.functional.interpolate(_prompt_share(maps[r][i], n_tokens[i])[spans[i]].sum(0)[None, None], size=(top, top),
+                                                   mode="bilinear", align_corners=False)[0, 0] for r in sorted(maps)]
+        rows.append(viz.attention_grid(images[i], torch.stack(per_res), [f"'{words[i]}' 1/{r}" for r in sorted(maps)],
+                                       size=_CELL))
+    return viz.image_grid(rows, nrow=1)
+
+
+def run_demo(model: str = "digits", out: str | os.PathLike = "diffperc_demo", n: int = 8, timestep: int = 1,
+             add_noise: bool = False, size: int | None = None, prompt: str = "a photo of the digit {}",
+             batch_size: int = 8, seed: int = 0, log: TextIO | None = None) -> list[Path]:
+    """Write the demo PNGs (and a README.txt describing them) to ``out``; print and return their paths.
+
+    Args:
+        model: preset or diffusers folder; any SD-shaped model works (the digits are resized).
+        out: output folder (created).
+        n: number of held-out digits, one per class first.
+        timestep, add_noise: backbone timestep and noising (default t=1 without noise, as VPD).
+        size: image side; default :func:`native_size` of the model.
+        prompt: prompt template; ``{}`` becomes the digit's class word ("seven").
+        batch_size: images per backbone call.
+        seed: seed of the noise.
+        log: where the written paths are printed (default stdout).
+    """
+    from .data.digits import CLASS_WORDS
+
+    if not 1 <= n <= 200:
+        raise ValueError(f"--n must be between 1 and 200 (the held-out digits have ~29 per class), got {n}")
+    log = log or sys.stdout
+    bb = load_backbone(model, layers="vpd", timestep=timestep, add_noise=add_noise, attention=True).eval()
+    size = size or native_size(bb)
+    images, labels = _demo_images(n, size)
+    words = [CLASS_WORDS[int(label)] for label in labels]
+    prompts = [prompt.replace("{}", w) for w in words]
+    feats, maps = _run_batched(bb, images, prompts, batch_size, seed)
+    out = Path(out)
+    written = [viz.save_png(_feature_figure(bb, images, words, feats), out / "features_pca.png")]
+    spans, n_tokens = [], []
+    for i in tqdm(range(n), desc="attention maps", unit="img", file=sys.stderr):
+        ids, tokens = prompt_tokens(bb.tokenizer, prompts[i])
+        n_tokens.append(len(ids))
+        spans.append(_find(ids, bb.tokenizer(words[i], add_special_tokens=False).input_ids))
+        rows = [viz.attention_grid(images[i], _prompt_share(maps[r][i], len(ids)), tokens, size=_CELL)
+                for r in sorted(maps)]
+        row_labels = [f"share of cross-attention among the prompt's tokens, at 1/{r} of the image "
+                      f"({maps[r].shape[-2]}x{maps[r].shape[-1]})" for r in sorted(maps)]
+        written.append(viz.save_png(viz.image_grid(rows, nrow=1, labels=row_labels), out / f"attention_{i:02d}_{words[i]}.png"))
+    if "{}" in prompt and all(spans):
+        written.append(viz.save_png(_word_figure(images, words, spans, n_tokens, maps), out / "attention_class_word.png"))
+    written.append(_write_readme(out, bb, model, size, timestep, add_noise, prompt, written))
+    for path in written:
+        print(path, file=log)
+    return written
+
+
+def _write_readme(out: Path, bb: nn.Module, model: str, size: int, timestep: int, add_noise: bool, prompt: str,
+                  files: list[Path]) -> Path:
+    text = [f"diffperc {__version__} demo: model {model!r}, {size}x{size} held-out digits, timestep {timestep}"
+            f"{' with' if add_noise else ' without'} noise, prompt {prompt!r}.", "",
+            "features_pca.png: per row one image, then per feature layer the first 3 principal components of",
+            "  its features as RGB (one PCA per layer over all images: the same colour means the same feature",
+            "  direction; edge pixels of maps 8+ pixels wide are left out of the fit, as zero padding makes",
+            "  them outliers). Upsampled bilinearly: the label gives each map's true size.",
+            "attention_NN_<word>.png: per prompt token, where that token's cross-attention goes, over the image;",
+            "  one row per resolution. Values are shares among the prompt's real tokens (padding slots dropped,",
+            "  renormalised to sum to 1 per pixel); each panel stretches its own min-max range (in the label)",
+            "  over the colour map, dark = low, yellow = high, blended 80/20 over the greyscale image.",
+            "attention_class_word.png: the class word's map alone for every image (it should sit on the strokes).",
+            "", "Files:", *(f"  {p.name}" for p in files)]
+    path = out / "README.txt"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(text) + "\n"))
+    return path
+
+
+# ---------------------------------------------------------------------------- extract
+@dataclass
+class ExtractSummary:
+    """What ``run_extract`` did: images written, unreadable ones skipped (name, reason), files ignored."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_image(path: Path, size: int) -> Tensor:
+    """(3, size, size) float in [0, 1]; any PIL failure becomes :class:`UnreadableImageError`."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"{path.name}: {type(err).__name__}: {err}") from err
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+
+
+def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
+    if not folder.is_dir():
+        raise NotADirectoryError(f"IMAGES_DIR {str(folder)!r} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems: dict[str, str] = {}
+    for p in images:
+        if p.stem in stems:
+            raise ValueError(f"{stems[p.stem]} and {p.name} share the stem {p.stem!r}, which names their "
+                             "features: rename one")
+        stems[p.stem] = p.name
+    return images, [p.name for p in files if p not in images]
+
+
+def run_extract(images_dir: str | os.PathLike, out: str | os.PathLike, model: str = "digits",
+                layers: str = "vpd", timestep: int | None = None, add_noise: bool | None = None,
+                ensemble_size: int = 1, prompt: str = "", size: int | None = None, batch_size: int = 8,
+                dtype: str = "float32", seed: int = 0, strict: bool = False,
+                err: TextIO | None = None) -> ExtractSummary:
+    """Backbone features of every image of a folder, to safetensors (see ``diffperc extract --help``).
+
+    Args:
+        images_dir: folder of images (sorted by name; other files are listed as ignored).
+        out: ``*.safetensors`` -> one file, keys ``"<stem>/<layer>"``; otherwise a folder with
+            one ``<stem>.safetensors`` per image, keys ``"<layer>"``. Tensors are (C, S/r, S/r).
+        model, layers, timestep, add_noise, ensemble_size, prompt: backbone and its options
+            (None: the backbone's default).
+        size: images are resized to size x size (aspect not kept); default :func:`native_size`.
+        batch_size: images per backbone call.
+        dtype: dtype of the stored tensors.
+        seed: seed of the noise (features depend on it only when noise is added).
+        strict: raise :class:`UnreadableImageError` at the first unreadable image instead of
+            skipping it (skips are always reported on ``err`` and counted).
+        err: stream for the report (default stderr).
+    """
+    err = err or sys.stderr
+    images, ignored = _list_images(Path(images_dir))
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}")
+    kwargs: dict[str, Any] = {"layers": _parse_layers(layers),
+                              "ensemble_size": ensemble_size}
+    kwargs.update({k: v for k, v in (("timestep", timestep), ("add_noise", add_noise)) if v is not None})
+    bb = load_backbone(model, **kwargs).eval()
+    size = size or native_size(bb)
+    if size % bb.size_multiple:
+        raise ValueError(f"--size {size} is not a multiple of {bb.size_multiple}: use "
+                         f"{max(bb.size_multiple, size // bb.size_multiple * bb.size_multiple)}")
+    out, gen = Path(out), torch.Generator().manual_seed(seed)
+    single_file = out.suffix == ".safetensors"
+    store: dict[str, Tensor] = {}
+    summary = ExtractSummary(ignored=ignored)
+    with tqdm(total=len(images), desc="extract", unit="img", file=err) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch, names = _read_batch(chunk, size, strict, summary, err)
+            bar.update(len(chunk))
+            if not batch:
+                continue
+            with torch.no_grad():
+                feats = bb(torch.stack(batch).to(bb.device, bb.dtype), prompts=prompt, generator=gen).features
+            for i, stem in enumerate(names):
+                per_image = {layer: f[i].to("cpu", getattr(torch, dtype)).clone()  # (C, S/r, S/r), own storage
+                             for layer, f in zip(bb.layers, feats, strict=True)}
+                if single_file:
+                    store.update({f"{stem}/{k}": v for k, v in per_image.items()})
+                else:
+                    meta = _metadata(bb, model, size, prompt, [stem])
+                    summary.outputs.append(_save(per_image, out / f"{stem}.safetensors", meta))
+            summary.written += names
+    if single_file and summary.written:
+        summary.outputs.append(_save(store, out, _metadata(bb, model, size, prompt, summary.written)))
+    _report(summary, out, err)
+    return summary
+
+
+def _read_batch(paths: list[Path], size: int, strict: bool, summary: ExtractSummary,
+                err: TextIO) -> tuple[list[Tensor], list[str]]:
+    """Read images; unreadable ones raise (strict) or are reported on ``err`` and recorded as skipped."""
+    batch, names = [], []
+    for path in paths:
+        try:
+            batch.append(_read_image(path, size))
+            names.append(path.stem)
+        except UnreadableImageError as e:
+            if strict:
+                raise UnreadableImageError(f"{e} (--strict stops at the first unreadable image)") from e
+            summary.skipped.append((path.name, str(e)))
+            tqdm.write(f"skipped unreadable image {e}", file=err)
+    return batch, names
+
+
+def _metadata(bb: nn.Module, model: str, size: int, prompt: str, stems: list[str]) -> dict[str, str]:
+    info = bb.feature_info
+    return {"diffperc_version": __version__, "model": model, "size": str(size), "prompt": prompt,
+            "layers": json.dumps(info.names()), "channels": json.dumps(info.channels()),
+            "reductions": json.dumps(info.reductions()), "images": json.dumps(stems),
+            "backbone_config": json.dumps(bb.config, default=str)}
+
+
+def _save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def _report(summary: ExtractSummary, out: Path, err: TextIO) -> None:
+    total = len(summary.written) + len(summary.skipped)
+    print(f"extract: wrote features of {len(summary.written)} of {total} images to {out}", file=err)
+    if summary.skipped:
+        print(f"extract: skipped {len(summary.skipped)} unreadable image(s): "
+              f"{', '.join(n for n, _ in summary.skipped)}", file=err)
+    if summary.ignored:
+        print(f"extract: ignored {len(summary.ignored)} file(s) without an image suffix: "
+              f"{', '.join(summary.ignored[:10])}{' ...' if len(summary.ignored) > 10 else ''}", file=err)
+    if not summary.written:
+        print("extract: error: no image could be read; nothing was written", file=err)
+
+
+# ---------------------------------------------------------------------------- info
+def attention_reductions(bb: nn.Module) -> dict[str, int]:
+    """Cross-attention layer path -> image reduction r of its maps, measured by one tiny UNet forward."""
+    side = bb.unet_factor
+    seen: dict[str, int] = {}
+    hooks = [bb.unet.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, o.shape[1] if o.ndim == 3 else o[0, 0].numel()))
+        for n in bb.attention_layers]
+    cfg = bb.unet.config
+    try:
+        with torch.no_grad():
+            bb.unet(torch.zeros(1, cfg.in_channels, side, side, device=bb.device, dtype=bb.dtype),
+                    torch.zeros(1, dtype=torch.long, device=bb.device),
+                    encoder_hidden_states=torch.zeros(1, 1, cfg.cross_attention_dim, device=bb.device, dtype=bb.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: bb.vae_factor * round((side * side / seen[n]) ** 0.5) for n in bb.attention_layers if n in seen}
+
+
+def _count(module: nn.Module | None) -> str:
+    if module is None:
+        return "-"
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def model_info(model: str, layers: str = "vpd") -> str:
+    """A readable description of a model's backbone (what ``diffperc info`` prints)."""
+    bb = load_backbone(model, layers=_parse_layers(layers))
+    sched = bb.scheduler.config
+    lines = [f"model: {model} ({type(bb).__name__})",
+             f"size_multiple: {bb.size_multiple} (images must be multiples of it); native size: {native_size(bb)}",
+             f"scheduler: {type(bb.scheduler).__name__}, prediction_type={sched.prediction_type}, "
+             f"num_train_timesteps={sched.num_train_timesteps}, beta_schedule={sched.beta_schedule}",
+             f"tokenizer: max length {bb.tokenizer.model_max_length}, vocabulary {len(bb.tokenizer)}",
+             "parameters: " + ", ".join(f"{n} {_count(getattr(bb, n, None))}" for n in ("unet", "vae", "text_encoder")),
+             "", f"feature_info (layers={layers!r}):", f"  {'name':<40} {'channels':>8} {'reduction':>9}"]
+    lines += [f"  {f.name:<40} {f.channels:>8} {f.reduction:>9}" for f in bb.feature_info]
+    reds = attention_reductions(bb)
+    lines += ["", f"cross-attention layers ({len(reds)}; maps are averaged per reduction):",
+              f"  {'name':<56} {'reduction':>9}"]
+    lines += [f"  {n:<56} {r:>9}" for n, r in reds.items()]
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""Training-free perception with diffusion features: semantic correspondence (``correspondence.py``,
+DIFT / SD-DINO), the diffusion classifier (``classifier.py``). Reach them by module path."""
