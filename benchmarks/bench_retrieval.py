@@ -1,0 +1,309 @@
+"""Origin-identification retrieval speed: FAISS index types, and the HTTP service under load.
+
+For ID² (Wang et al., "Origin Identification for Text-Guided Image-to-Image Diffusion Models",
+ICML 2025), where a translated query is searched among up to millions of origins.
+
+Part 1, indexes (baseline: exact ``Flat``, measured in the same run): N database vectors of
+512-d and Q queries, build time (train + add), latency per query at batch 1 (p50/p99 over
+sequential queries) and at batch 64 (p50/p99 of a batch, and per query), recall@1 against
+the exact top-1. Data: isotropic random vectors are the worst case for every approximate
+index and unlike embeddings, so the database is clustered (``--clusters`` centres plus
+noise, unit norm) and each query is a database vector plus noise (a "translation" whose
+origin is in the index), as in origin identification.
+
+Part 2, service: ``diffperc serve`` in a subprocess on 127.0.0.1 with an index of
+``--service-n`` vectors (512-d: the bundled digits VAE + a random 256 -> 512 projection), 8
+concurrent clients posting PNG digits to /v1/search for ``--seconds``, then the same with one
+more client adding references all the time. Searches/s, p50/p99 latency, adds/s, errors, and
+whether every acknowledged add is found afterwards.
+
+    python benchmarks/bench_retrieval.py                       # N = 200k, ~5 min on 2 cores
+    python benchmarks/bench_retrieval.py --n 1000000           # the issue's size, if time allows
+    python benchmarks/bench_retrieval.py --skip-service --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- data
+def clustered(n: int, d: int, clusters: int, spread: float, seed: int) -> np.ndarray:
+    """(n, d) float32 unit vectors: random centres plus isotropic noise of norm ~``spread``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(n - s, 100_000)
+        noise = rng.standard_normal((m, d)).astype(np.float32) * (spread / np.sqrt(d))
+        x[s : s + m] = centres[rng.integers(0, clusters, m)] + noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def perturbed_queries(base: np.ndarray, q: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``q`` queries = random database vectors + noise of norm ~``noise`` (renormalised); their origins."""
+    rng = np.random.default_rng(seed)
+    origins = rng.choice(len(base), q, replace=False)
+    x = base[origins] + rng.standard_normal((q, base.shape[1])).astype(np.float32) * (noise / np.sqrt(base.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), origins
+
+
+# ---------------------------------------------------------------------------- part 1
+def pct(values: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(values), p))
+
+
+def bench_index(faiss, factory: str, params: dict, base: np.ndarray, queries: np.ndarray, train_n: int) -> dict:
+    """Build ``factory`` on ``base``; time single and batched searches; return numbers and top-1 ids."""
+    d = base.shape[1]
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    start = time.perf_counter()
+    if not index.is_trained:
+        sample = base[np.random.default_rng(1).choice(len(base), min(train_n, len(base)), replace=False)]
+        index.train(sample)
+    train_s = time.perf_counter() - start
+    for s in range(0, len(base), 100_000):
+        index.add(base[s : s + 100_000])
+    build_s = time.perf_counter() - start
+    ps = faiss.ParameterSpace()
+    for key, value in params.items():
+        ps.set_index_parameter(index, key, value)
+    single = []
+    top1 = np.empty(len(queries), dtype=np.int64)
+    for i in range(len(queries)):
+        t = time.perf_counter()
+        _, ids = index.search(queries[i : i + 1], 10)
+        single.append((time.perf_counter() - t) * 1000)
+        top1[i] = ids[0, 0]
+    batch = []
+    for s in range(0, len(queries) - 63, 64):
+        t = time.perf_counter()
+        index.search(queries[s : s + 64], 10)
+        batch.append((time.perf_counter() - t) * 1000)
+    return {"index": factory + (" " + ",".join(f"{k}={v}" for k, v in params.items()) if params else ""),
+            "train_s": train_s, "build_s": build_s, "p50_1_ms": pct(single, 50), "p99_1_ms": pct(single, 99),
+            "p50_64_ms": pct(batch, 50), "p99_64_ms": pct(batch, 99), "per_query_64_ms": pct(batch, 50) / 64,
+            "memory_mb": faiss.serialize_index(index).nbytes / 2**20, "top1": top1}
+
+
+def part1(args: argparse.Namespace) -> list[dict]:
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    t = time.perf_counter()
+    base = clustered(args.n, args.dim, args.clusters, args.spread, seed=0)
+    queries, origins = perturbed_queries(base, args.queries, args.noise, seed=1)
+    print(f"data: {args.n} x {args.dim} clustered unit vectors, {args.queries} perturbed queries "
+          f"({time.perf_counter() - t:.1f} s); FAISS {faiss.__version__}, {args.threads} thread(s)", flush=True)
+    nlist = args.nlist or int(2 ** round(np.log2(4 * np.sqrt(args.n))))
+    pq = args.dim // 8  # 64 sub-quantizers of 8-d for 512-d
+    configs = [("Flat", {}), ("HNSW32", {"efSearch": 64}), ("HNSW32", {"efSearch": 128}),
+               (f"IVF{nlist},Flat", {"nprobe": 16}), (f"IVF{nlist},PQ{pq}", {"nprobe": 32}),
+               (f"IVF{nlist},PQ{pq},RFlat", {"nprobe": 32, "k_factor_rf": 16})]
+    rows = []
+    for factory, params in configs:  # each row builds its own index, so build times are comparable
+        print(f"  {factory} {params} ...", end="", flush=True)
+        row = bench_index(faiss, factory, params, base, queries, train_n=max(40 * nlist, 25_600))
+        print(f" build {row['build_s']:.1f} s, p50 {row['p50_1_ms']:.2f} ms", flush=True)
+        rows.append(row)
+    exact = rows[0]["top1"]
+    for row in rows:
+        row["recall@1"] = float(np.mean(row.pop("top1") == exact))
+    print(f"  (exact top-1 is the query's own origin for {np.mean(exact == origins):.3f} of queries)")
+    return rows
+
+
+def print_part1(rows: list[dict], args: argparse.Namespace) -> None:
+    base = rows[0]["p50_1_ms"]
+    print(f"\nIndexes at N = {args.n:,} x {args.dim}-d, {args.threads} thread(s) (baseline: Flat)")
+    print("| index | build s | p50 / p99 ms, batch 1 | p50 / p99 ms, batch 64 | ms/query at 64 | recall@1 | "
+          "memory MB | p50 vs Flat |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['index']} | {r['build_s']:.1f} | {r['p50_1_ms']:.2f} / {r['p99_1_ms']:.2f} | "
+              f"{r['p50_64_ms']:.1f} / {r['p99_64_ms']:.1f} | {r['per_query_64_ms']:.3f} | {r['recall@1']:.3f} | "
+              f"{r['memory_mb']:.0f} | {base / r['p50_1_ms']:.1f}x faster |")
+
+
+# ---------------------------------------------------------------------------- part 2
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digit_pngs(n: int) -> list[bytes]:
+    from PIL import Image
+
+    from diffperc.data.digits import load
+
+    images, _ = load("heldout")
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray((images[i % len(images)].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def make_service_index(folder: Path, n: int, seed: int = 0) -> None:
+    """An index of ``n`` synthetic 512-d vectors whose embedder is the digits VAE + a random 256 -> 512 W."""
+    import torch
+
+    from diffperc.retrieval.embedder import OriginEmbedder, load_vae
+    from diffperc.retrieval.index import OriginIndex
+
+    vae = load_vae("digits")
+    w = torch.randn(512, OriginEmbedder(vae, image_size=32).feature_dim, generator=torch.Generator().manual_seed(seed))
+    emb = OriginEmbedder(vae, projection=w, image_size=32, model="digits")
+    folder.mkdir(parents=True)
+    emb.save_config(folder)
+    index = OriginIndex.create(folder, emb.dim, factory="Flat")
+    vecs = clustered(n, 512, 1000, 1.0, seed)
+    for s in range(0, n, 50_000):
+        index.add(vecs[s : s + 50_000], [f"syn{i}" for i in range(s, min(n, s + 50_000))])
+    index.close()
+
+
+def _load(url: str, token: str, pngs: list[bytes], seconds: float, clients: int, add: bool) -> dict:
+    import httpx
+
+    stop = time.monotonic() + seconds
+    lat, errors, added, add_lat = [], [], [], []
+    lock = threading.Lock()
+
+    def searcher(cid: int) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            i = cid
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                r = c.post("/v1/search", files={"image": ("q.png", pngs[i % len(pngs)], "image/png")}, data={"k": "10"})
+                with lock:
+                    (lat if r.status_code == 200 else errors).append((time.perf_counter() - t) * 1000)
+                i += clients
+
+    def adder() -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            i = 0
+            while time.monotonic() < stop:
+                rid = f"load-{add}-{i}-{time.monotonic_ns()}"
+                t = time.perf_counter()
+                r = c.post("/v1/references", files={"image": ("r.png", pngs[i % len(pngs)], "image/png")},
+                           data={"id": rid})
+                with lock:
+                    if r.status_code == 201:
+                        added.append(rid)
+                        add_lat.append((time.perf_counter() - t) * 1000)
+                    else:
+                        errors.append(r.status_code)
+                i += 1
+
+    threads = [threading.Thread(target=searcher, args=(c,)) for c in range(clients)]
+    threads += [threading.Thread(target=adder)] if add else []
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"searches_per_s": len(lat) / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "errors": len(errors),
+            "adds_per_s": len(added) / wall, "add_p99_ms": pct(add_lat, 99) if add_lat else None, "added": added}
+
+
+def part2(args: argparse.Namespace) -> list[dict]:
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_"))
+    t = time.perf_counter()
+    make_service_index(tmp / "idx", args.service_n)
+    print(f"\nservice index: {args.service_n:,} vectors ({time.perf_counter() - t:.1f} s)", flush=True)
+    token, port = "bench-token", _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFPERC_TOKEN": token, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": str(ROOT)}
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "diffperc.retrieval.cli", "serve", "--index", str(tmp / "idx"),
+                             "--port", str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        pngs = _digit_pngs(64)
+        rows = []
+        for add in (False, True):
+            r = _load(url, token, pngs, args.seconds, clients=8, add=add)
+            added = r.pop("added")
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
+                missing = sum(c.get(f"/v1/references/{rid}").status_code != 200 for rid in added)
+            r.update({"load": "8 searchers" + (" + 1 adder" if add else ""), "acknowledged_adds": len(added),
+                      "acknowledged_missing": missing})
+            rows.append(r)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    return rows
+
+
+def print_part2(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nService on 127.0.0.1 ({args.service_n:,} x 512-d Flat, digits VAE + W, bearer auth), "
+          f"{args.seconds:.0f} s per row (baseline: no adds)")
+    print("| load | searches/s | p50 ms | p99 ms | adds/s | add p99 ms | errors | acknowledged adds missing |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        add_p99 = f"{r['add_p99_ms']:.1f}" if r["add_p99_ms"] is not None else "-"
+        print(f"| {r['load']} | {r['searches_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['adds_per_s']:.1f} | {add_p99} | {r['errors']} | {r['acknowledged_missing']} |")
+    if len(rows) == 2:
+        print(f"search throughput with adds / without: {rows[1]['searches_per_s'] / rows[0]['searches_per_s']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=200_000, help="database vectors (issue: 1,000,000)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--spread", type=float, default=1.0, help="noise norm around a cluster centre")
+    parser.add_argument("--noise", type=float, default=0.5, help="noise norm of a query around its origin")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 sqrt(N), a power of 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--service-n", type=int, default=100_000)
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each service load")
+    parser.add_argument("--skip-indexes", action="store_true")
+    parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    args = parser.parse_args()
+    results: dict = {"args": vars(args)}
+    if not args.skip_indexes:
+        results["indexes"] = part1(args)
+        print_part1(results["indexes"], args)
+    if not args.skip_service:
+        results["service"] = part2(args)
+        print_part2(results["service"], args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
