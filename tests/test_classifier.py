@@ -37,14 +37,6 @@ needs_digits = pytest.mark.skipif(not _has_digits(), reason="bundled model check
                                   "(build it with `python scripts/train_digits.py --out checkpoints/digits`)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def sd():

@@ -19,14 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE_YAML = ROOT / "configs" / "probe" / "digits_probe_digits.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):

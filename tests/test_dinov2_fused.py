@@ -17,15 +17,6 @@ MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU, OpenMP oversubscription made this file 4x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _block_tokens(blocks: torch.nn.Module, layer: int, x: torch.Tensor, call) -> torch.Tensor:
     """Output tokens (B, T, C) of ``blocks[layer]`` during ``call(x)``, read with a forward hook."""
     seen = {}

@@ -13,14 +13,6 @@ from diffperc.tasks.probe import ProbeTask
 BB_KW = {"layers": "vpd", "timestep": 1, "add_noise": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _trainer(**kw) -> Trainer:
     return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

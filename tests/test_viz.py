@@ -10,15 +10,6 @@ from PIL import Image
 from diffperc import viz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_save_png_roundtrip_and_atomic(tmp_path):
     img = viz.to_pil(torch.rand(3, 20, 30))
     path = viz.save_png(img, tmp_path / "sub" / "x.png")
