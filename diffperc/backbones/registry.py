@@ -80,13 +80,9 @@ def load_backbone(name_or_path: str, **overrides: Any) -> nn.Module:
 
 
 def bundled_model_path() -> Path:
-    """Folder of the bundled ``digits`` model (installed as package data ``diffperc/checkpoints``)."""
-    candidates = []
-    try:
-        candidates.append(Path(str(resources.files("diffperc.checkpoints"))) / "digits")
-    except ModuleNotFoundError:
-        pass
-    candidates.append(Path(__file__).resolve().parents[2] / "checkpoints" / "digits")  # source checkout
+    """Folder of the bundled ``digits`` model (package data ``diffperc/checkpoints/digits``)."""
+    candidates = [Path(str(resources.files("diffperc"))) / "checkpoints" / "digits",
+                  Path(__file__).resolve().parents[1] / "checkpoints" / "digits"]
     for c in candidates:
         if (c / "model_index.json").exists():
             return c
