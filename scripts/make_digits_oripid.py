@@ -5,19 +5,21 @@ train a linear map W of VAE latents so that a text-guided image-to-image transla
 near its origin. This script rebuilds that setting in miniature, with nothing downloaded:
 
 1. Origins are scikit-learn digits. Queries are translations of them made by the bundled
-   ``digits`` model itself (diffusers' StableDiffusionImg2ImgPipeline, DDIM, guidance 3), each
+   ``digits`` model itself (diffusers' StableDiffusionImg2ImgPipeline, DDIM, guidance 7.5), each
    prompted with *another* digit's caption ("a photo of the digit three" for a seven) at
    strength 0.3-0.7. Files are written in the OriPID/ID² naming (``R<id>.png`` origins,
    ``T<id>_<k>.png`` training translations, a ``query,origin_id`` CSV for the test queries).
-2. W is trained with ``OriginIDTask`` (CosFace s=64 m=0.35, Adam 3.5e-4, warm-up + cosine, EMA)
-   on translations of training-split digits 0-699; digits 700-799 are a validation set for
-   any choice of settings.
+2. W is trained with ``OriginIDTask`` (CosFace s=64 m=0.35, Adam, warm-up + cosine, EMA) on
+   translations of training-split digits 0-699, with and without BatchNorm and at two
+   learning rates; digits 700-799 are the validation set that picks one (by mAP).
 3. Test: queries are translations of the 297 held-out digits (1500-1796, never seen by the
    diffusion model or W); the gallery is those 297 origins plus 700 distractor digits
-   (800-1499). Acc@1 and mAP for the raw-VAE embedding and for W, overall and per strength,
-   and Acc@1 once more through a FAISS index built by ``diffperc index build``'s code.
+   (800-1499). Acc@1 and mAP for the raw-VAE embedding and each W, overall and per strength,
+   and Acc@1 of the selected W once more through ``diffperc index build``'s code and FAISS.
 
-    python scripts/make_digits_oripid.py --out digits_oripid      # ~5 min on 2 CPU cores
+    python scripts/make_digits_oripid.py --out digits_oripid    # ~20 min on 2 busy CPU cores
+
+Results and their reading: docs/origin_digits.md. Reruns reuse the images already written.
 """
 
 from __future__ import annotations
