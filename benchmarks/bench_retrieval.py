@@ -162,7 +162,7 @@ def _digit_pngs(n: int) -> list[bytes]:
     return out
 
 
-def make_service_index(folder: Path, n: int, seed: int = 0) -> None:
+def make_service_index(folder: Path, n: int, factory: str, seed: int = 0) -> None:
     """An index of ``n`` synthetic 512-d vectors whose embedder is the digits VAE + a random 256 -> 512 W."""
     import torch
 
@@ -174,7 +174,7 @@ def make_service_index(folder: Path, n: int, seed: int = 0) -> None:
     emb = OriginEmbedder(vae, projection=w, image_size=32, model="digits")
     folder.mkdir(parents=True)
     emb.save_config(folder)
-    index = OriginIndex.create(folder, emb.dim, factory="Flat")
+    index = OriginIndex.create(folder, emb.dim, factory=factory, ef_search=128)
     vecs = clustered(n, 512, 1000, 1.0, seed)
     for s in range(0, n, 50_000):
         index.add(vecs[s : s + 50_000], [f"syn{i}" for i in range(s, min(n, s + 50_000))])
@@ -231,8 +231,9 @@ def part2(args: argparse.Namespace) -> list[dict]:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_"))
     t = time.perf_counter()
-    make_service_index(tmp / "idx", args.service_n)
-    print(f"\nservice index: {args.service_n:,} vectors ({time.perf_counter() - t:.1f} s)", flush=True)
+    make_service_index(tmp / "idx", args.service_n, args.service_factory)
+    print(f"\nservice index: {args.service_n:,} vectors, {args.service_factory} ({time.perf_counter() - t:.1f} s)",
+          flush=True)
     token, port = "bench-token", _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFPERC_TOKEN": token, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT)}
@@ -266,7 +267,7 @@ def part2(args: argparse.Namespace) -> list[dict]:
 
 
 def print_part2(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nService on 127.0.0.1 ({args.service_n:,} x 512-d Flat, digits VAE + W, bearer auth), "
+    print(f"\nService on 127.0.0.1 ({args.service_n:,} x 512-d {args.service_factory}, digits VAE + W, bearer auth), "
           f"{args.seconds:.0f} s per row (baseline: no adds)")
     print("| load | searches/s | p50 ms | p99 ms | adds/s | add p99 ms | errors | acknowledged adds missing |")
     print("|---|---|---|---|---|---|---|---|")
@@ -289,6 +290,7 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 sqrt(N), a power of 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--service-n", type=int, default=100_000)
+    parser.add_argument("--service-factory", default="HNSW32", help="index of the service (efSearch 128)")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each service load")
     parser.add_argument("--skip-indexes", action="store_true")
     parser.add_argument("--skip-service", action="store_true")
