@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from retrieval_helpers import write_images
 
-pytest.importorskip("faiss", reason="the retrieval index needs faiss-cpu: pip install -e '.[retrieval]'")
+pytest.importorskip("faiss", reason="the retrieval index needs faiss-cpu: pip install -e '.[retrieval]'",
+                    exc_type=ImportError)
 
 from diffperc.retrieval import cli  # noqa: E402
 from diffperc.retrieval.index import DuplicateIdError, OriginIndex  # noqa: E402

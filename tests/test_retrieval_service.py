@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 from retrieval_helpers import bomb_png, png_bytes, write_images
 
-pytest.importorskip("faiss", reason="the service needs faiss-cpu: pip install -e '.[retrieval]'")
-pytest.importorskip("fastapi", reason="the service needs fastapi: pip install -e '.[retrieval]'")
-pytest.importorskip("uvicorn", reason="the service needs uvicorn: pip install -e '.[retrieval]'")
-pytest.importorskip("multipart", reason="the service needs python-multipart: pip install -e '.[retrieval]'")
-httpx = pytest.importorskip("httpx", reason="the service tests need httpx: pip install -e '.[dev]'")
+for _module, _package, _extra in (("faiss", "faiss-cpu", "retrieval"), ("fastapi", "fastapi", "retrieval"),
+                                  ("uvicorn", "uvicorn", "retrieval"), ("multipart", "python-multipart", "retrieval"),
+                                  ("httpx", "httpx", "dev")):
+    pytest.importorskip(_module, reason=f"the service tests need {_package}: pip install -e '.[{_extra}]'",
+                        exc_type=ImportError)
+
+import httpx  # noqa: E402
 
 from diffperc.retrieval.cli import build_index  # noqa: E402
 from diffperc.retrieval.service import serve  # noqa: E402
