@@ -7,6 +7,8 @@ in the target folder, then renames it, so a crash never leaves half a PNG.
     from diffperc import viz
     viz.save_png(viz.feature_pca_image(out.features[1][0], size=128), "pca.png")
     viz.save_png(viz.attention_grid(images[0], out.attention[16][0, :n], tokens), "attn.png")
+    viz.save_png(viz.depth_to_image(pred[0], max_depth=10.0), "depth.png")      # with a colour bar
+    viz.save_png(viz.mask_overlay(images[0], mask[0]), "mask.png")               # class colours over the image
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["attention_grid", "colorize", "feature_pca", "feature_pca_image", "image_grid", "save_png", "to_pil"]
+__all__ = ["attention_grid", "colorize", "depth_to_image", "feature_pca", "feature_pca_image", "image_grid",
+           "label_palette", "mask_overlay", "save_png", "to_pil"]
 
 # matplotlib's "inferno" sampled at 9 evenly spaced points (dark = low, bright yellow = high).
 _INFERNO = np.array(
@@ -221,6 +224,108 @@ def image_grid(
             draw.multiline_text((x + (cell_w - boxes[i][2]) // 2, y + tile.height + pad // 2), labels[i],
                                 fill=(0, 0, 0), font=font, align="center")
     return grid
+
+
+def _as_2d(x: Tensor | np.ndarray, arg: str) -> np.ndarray:
+    arr = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"{arg} must be (H, W) or (1, H, W), got shape {tuple(arr.shape)}")
+    return arr
+
+
+def depth_to_image(
+    depth: Tensor | np.ndarray, max_depth: float, min_depth: float = 0.0, bar_width: int | None = None,
+    font_size: int = 11, invalid_color: tuple[int, int, int] = (128, 128, 128),
+) -> Image.Image:
+    """A depth map in the inferno colour map (near = dark, far = bright) with a labelled colour bar.
+
+    Args:
+        depth: (H, W) or (1, H, W) depths in metres.
+        max_depth, min_depth: the depths of the brightest and darkest colours (values outside are clipped).
+        bar_width: width of the colour bar in pixels (default: max(6, W // 20)).
+        font_size: size of the tick labels (max, middle and min depth, in metres).
+        invalid_color: RGB of pixels that are not finite or <= 0 (no ground truth).
+
+    Returns:
+        RGB image of height H: the coloured map, then the bar and its labels on the right.
+    """
+    d = _as_2d(depth, "depth").astype(np.float32)
+    if not max_depth > min_depth:
+        raise ValueError(f"max_depth must be > min_depth, got {max_depth} and {min_depth}")
+    h, w = d.shape
+    valid = np.isfinite(d) & (d > 0)
+    unit = np.where(valid, (np.nan_to_num(d) - min_depth) / (max_depth - min_depth), 0.0)
+    rgb = (colorize(unit) * 255 + 0.5).astype(np.uint8)
+    rgb[~valid] = invalid_color
+    bar_w = bar_width or max(6, w // 20)
+    font = _font(font_size)
+    labels = [f"{v:.2f} m" for v in (max_depth, (max_depth + min_depth) / 2, min_depth)]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), t, font=font) for t in labels]
+    gap = 4
+    out = Image.new("RGB", (w + 2 * gap + bar_w + max(b[2] for b in boxes) + gap, h), (255, 255, 255))
+    out.paste(Image.fromarray(rgb), (0, 0))
+    ramp = colorize(np.linspace(1, 0, h, dtype=np.float32)[:, None].repeat(bar_w, 1))  # top = max
+    out.paste(Image.fromarray((ramp * 255 + 0.5).astype(np.uint8)), (w + gap, 0))
+    draw = ImageDraw.Draw(out)
+    x = w + 2 * gap + bar_w
+    for text, y in zip(labels, (0, (h - boxes[1][3]) // 2, h - boxes[2][3] - 1), strict=True):
+        draw.text((x, max(0, y)), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def label_palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours for class ids 0 .. n-1: the PASCAL VOC bit-interleaved colour map of id + 1.
+
+    Shifting by one keeps class 0 (ADE20K's wall, or a foreground) from being drawn black.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ids = np.arange(1, n + 1)
+    out = np.zeros((n, 3), dtype=np.int64)
+    for shift in range(8):
+        for ch in range(3):
+            out[:, ch] |= ((ids >> (3 * shift + ch)) & 1) << (7 - shift)
+    return out.astype(np.uint8)
+
+
+def mask_overlay(
+    image: Tensor | np.ndarray, mask: Tensor | np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray | None = None,
+    alpha: float = 0.5, ignore_index: int | None = 255, background: int | None = None,
+) -> Image.Image:
+    """Class colours of a label mask blended over the image.
+
+    Args:
+        image: (3, H, W) floats in [0, 1].
+        mask: (H, W) or (1, H, W) integer class ids.
+        palette: one RGB triplet (0-255) per class id; default :func:`label_palette` (256 colours).
+        alpha: weight of the class colour (0 = image only, 1 = colours only).
+        ignore_index: id drawn as the plain image (255, the "ignore" label), or None.
+        background: another id drawn as the plain image (e.g. 0 for a referring mask), or None.
+
+    Returns:
+        RGB image (W, H).
+    """
+    base = np.asarray(to_pil(image), dtype=np.float32)  # (H, W, 3)
+    m = _as_2d(mask, "mask")
+    if m.shape != base.shape[:2]:
+        raise ValueError(f"mask must match the image's (H, W) = {base.shape[:2]}, got {m.shape}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    m = m.astype(np.int64)
+    pal = label_palette(256) if palette is None else np.asarray(palette, dtype=np.float32).reshape(-1, 3)
+    keep = np.ones_like(m, dtype=bool)
+    for skip in (ignore_index, background):
+        if skip is not None:
+            keep &= m != skip
+    bad = keep & ((m < 0) | (m >= len(pal)))
+    if bad.any():
+        raise ValueError(f"mask has class ids {np.unique(m[bad])[:8].tolist()} outside the palette's 0..{len(pal) - 1}")
+    colours = pal[np.where(keep, m, 0)].astype(np.float32)  # (H, W, 3)
+    blended = np.where(keep[..., None], (1 - alpha) * base + alpha * colours, base)
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
