@@ -138,6 +138,27 @@ class DenseTask(PerceptionTask):
         sched = lr_scheduler_config(opt, total_steps=total, **self._schedule)
         return {"optimizer": opt, "lr_scheduler": sched}
 
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        """Update ``<stage>_metrics`` (and log ``<stage>/loss``) for one batch; ``stage`` is "val" or "test"."""
+        raise NotImplementedError
+
+    def _log_metrics(self, stage: str) -> None:
+        """Log ``<stage>/<metric>`` from ``<stage>_metrics`` at the end of an epoch, then reset it."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
     # ------------------------------------------------------------------ predictions on disk
     def prediction_dir(self) -> Path:
         if self.output_dir is not None:

@@ -191,18 +191,6 @@ class DepthTask(DenseTask):
             self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})
         metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Writes ``<name>.png`` (coloured depth with a colour bar; ``<name>_mm.png`` 16-bit mm) per image.
 
