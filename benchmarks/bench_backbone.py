@@ -22,6 +22,7 @@ import time
 from functools import partial
 
 import torch
+from _proc import vm_mb  # benchmarks/_proc.py, beside this script
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -119,15 +120,6 @@ def time_configs(run: dict, reps: int, device: str) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _vm(field: str) -> float:
-    """A /proc/self/status field in MB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory(fn, device: str) -> float:
     """Peak extra memory (MB) of one call of ``fn``: CUDA peak allocation, or on a CPU the peak
     RSS (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim)."""
@@ -145,9 +137,9 @@ def peak_memory(fn, device: str) -> float:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    base = _vm("VmRSS")
+    base = vm_mb("VmRSS")
     fn()
-    return _vm("VmHWM") - base
+    return vm_mb("VmHWM") - base
 
 
 def ensemble_check(make, size: int, device: str, dtype: torch.dtype, reps: int) -> tuple[float, float, list, list]:

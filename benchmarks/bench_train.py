@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import torch
+from _proc import vm_mb  # benchmarks/_proc.py, beside this script
 
 SETTINGS: dict[str, dict[str, bool]] = {
     "a_frozen_backbone": {"trainable": False},
@@ -73,15 +74,6 @@ def register_preset() -> None:
         sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
         return DiffusionBackbone(vae=AutoencoderKL(**SD15_VAE), unet=UNet2DConditionModel(**SD15_UNET),
                                  text_encoder=text, tokenizer=tok, scheduler=sched, name_or_path=PRESET, **kw)
-
-
-def _vm(field: str) -> float:
-    """A /proc/self/status field in MB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def saved_activations_mb(task: torch.nn.Module, batch: dict[str, Any]) -> float:
@@ -137,7 +129,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        base_mb = _vm("VmRSS")
+        base_mb = vm_mb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
     times, losses = [], []
@@ -152,7 +144,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if step > 0:
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _vm("VmHWM")
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else vm_mb("VmHWM")
     saved_mb = saved_activations_mb(task, batch)
     n_train = sum(p.numel() for grp in groups for p in grp["params"])
     return {"setting": name, "step_s": statistics.median(times), "times": times, "build_s": build_s,
