@@ -5,6 +5,7 @@ and a real zero-shot check on the bundled digits model."""
 from __future__ import annotations
 
 import argparse
+import math
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,6 +149,31 @@ def test_adaptive_reuses_evaluations_and_counts_them(sd):
         torch.testing.assert_close(out.scores[b, final], naive.scores[b, final])
         if final[naive.pred[b]]:
             assert out.pred[b] == naive.pred[b]
+
+
+def test_classify_errors_replays_classify_without_the_unet(sd):
+    """One naive error matrix replays any adaptive schedule: same predictions, rankings, scores, counts."""
+    latents = sd.encode_images(torch.rand(3, 3, 32, 32))
+    for templates in ("a photo of a {}.", ["a photo of a {}.", "a {}"]):  # 1 and 2 UNet evaluations per class
+        clf = DiffusionClassifier.from_classes(sd, CLASSES, templates, batch_size=7)
+        errors = clf.pair_errors(latents=latents, timesteps=evenly_spaced(6, 1000))  # (3, 4, 6), the naive run
+        for schedule in ([(2, 3), (3, 2), (6, 1)], [(1, 2), (6, 1)], [(6, 1)]):
+            real = clf.classify(latents=latents, schedule=schedule)
+            calls, hook = _record_calls(sd.unet)
+            try:
+                replay = clf.classify_errors(errors, schedule)
+            finally:
+                hook.remove()
+            assert calls == []
+            for name in ("pred", "ranking", "n_pairs", "unet_evals"):
+                assert torch.equal(getattr(replay, name), getattr(real, name)), (templates, schedule, name)
+            torch.testing.assert_close(replay.scores, real.scores)
+    with pytest.raises(ValueError, match=r"errors must be \(B, K=4, S=6\)"):
+        clf.classify_errors(errors[:, :3], [(6, 1)])
+    with pytest.raises(ValueError, match=r"S=8"):
+        clf.classify_errors(errors, [(2, 2), (8, 1)])
+    with pytest.raises(ValueError, match="NaN"):
+        clf.classify_errors(errors.clone().fill_(math.nan), [(6, 1)])
 
 
 def test_images_are_encoded_once(sd):

@@ -392,10 +392,42 @@ class DiffusionClassifier:
         """
         rounds = self.schedule if schedule is None else _check_schedule(schedule, self.num_train_timesteps)
         x0 = self._latents(images, latents)
-        n_img, n_cls, n_pairs = len(x0), self.num_classes, rounds[-1][0]
+        n_pairs = rounds[-1][0]
         timesteps, noise = self.pairs(n_pairs, x0.shape[1:])
-        w = self._weights(timesteps)
-        err = torch.full((n_img, self.num_conditions, n_pairs), math.nan)
+        err = torch.full((len(x0), self.num_conditions, n_pairs), math.nan)
+        return self._adaptive(rounds, len(x0), lambda need: self._fill(err, need, x0, timesteps, noise),
+                              lambda: self._class_errors(err))
+
+    def classify_errors(self, errors: Tensor, schedule: Sequence[Sequence[int]] | None = None) -> ClassifierOutput:
+        """Adaptive classification replayed from precomputed errors, without a UNet call.
+
+        Given the (B, K, S) errors of every image, class and pair from :meth:`pair_errors` on the
+        default pairs (S = the schedule's last ``n_samples``), this returns exactly what
+        :meth:`classify` returns for the same images, with ``unet_evals`` counting only the errors
+        the schedule would have computed. One naive run therefore prices and scores any number of
+        adaptive schedules (``benchmarks/bench_classifier.py`` chooses its schedule this way).
+
+        Args:
+            errors: (B, K, S) class errors on the S evenly spaced seeded pairs.
+            schedule: rounds ``[(n_samples, keep), ...]`` with last ``n_samples`` = S; default ``self.schedule``.
+        """
+        rounds = self.schedule if schedule is None else _check_schedule(schedule, self.num_train_timesteps)
+        if errors.ndim != 3 or errors.shape[1] != self.num_classes or errors.shape[2] != rounds[-1][0]:
+            raise ValueError(f"errors must be (B, K={self.num_classes}, S={rounds[-1][0]}) (pair_errors on the "
+                             f"schedule's S pairs), got {tuple(errors.shape)}")
+        if not torch.isfinite(errors).all():
+            raise ValueError("errors has NaN or inf entries: compute every (image, class, pair) with pair_errors")
+        per_class = torch.bincount(self._cond_class, minlength=self.num_classes)  # UNet evaluations per pair
+        errors = errors.detach().float().cpu()
+        return self._adaptive(rounds, len(errors), lambda need: (need * per_class[:, None]).sum((1, 2)),
+                              lambda: errors)
+
+    def _adaptive(self, rounds: tuple[tuple[int, int], ...], n_img: int, fill: Callable[[Tensor], Tensor],
+                  class_errors: Callable[[], Tensor]) -> ClassifierOutput:
+        """The rounds of adaptive evaluation. ``fill(need)`` computes the (B, K, S) errors marked in
+        ``need`` and returns UNet evaluations per image (B,); ``class_errors()`` gives (B, K, S) errors."""
+        n_cls, n_pairs = self.num_classes, rounds[-1][0]
+        w = self._weights(evenly_spaced(n_pairs, self.num_train_timesteps))
         done = torch.zeros(n_img, n_cls, n_pairs, dtype=torch.bool)
         alive = torch.ones(n_img, n_cls, dtype=torch.bool)
         stage = torch.zeros(n_img, n_cls, dtype=torch.long)
@@ -404,10 +436,10 @@ class DiffusionClassifier:
             sel = torch.zeros(n_pairs, dtype=torch.bool)
             sel[evenly_spaced(n, n_pairs)] = True
             need = alive[:, :, None] & sel & ~done
-            evals += self._fill(err, need, x0, timesteps, noise)
+            evals += fill(need)
             done |= need
             stage[alive] = r
-            scores = self._reduce(err, done, w)
+            scores = self._reduce(class_errors(), done, w)
             alive = self._keep(scores, alive, keep)
         ranking = _rank(scores, stage)
         return ClassifierOutput(pred=ranking[:, 0], ranking=ranking, scores=scores, n_pairs=done.sum(-1),
@@ -418,13 +450,14 @@ class DiffusionClassifier:
         """Predicted class indices (B,); :meth:`classify` also gives ranking, scores and evaluation counts."""
         return self.classify(images, latents, schedule).pred
 
-    def _reduce(self, err: Tensor, done: Tensor, w: Tensor) -> Tensor:
-        """(B, K) weighted mean error of each class over its evaluated pairs."""
+    @staticmethod
+    def _reduce(class_err: Tensor, done: Tensor, w: Tensor) -> Tensor:
+        """(B, K) weighted mean error of each class over its evaluated pairs; ``class_err`` (B, K, S)."""
         wd = w * done  # (B, K, S)
         den = wd.sum(-1)
         if (den <= 0).any():
             raise ValueError("weighting gives zero weight to every pair of a round; no class can be scored")
-        return (self._class_errors(err).nan_to_num(0.0) * wd).sum(-1) / den
+        return (class_err.nan_to_num(0.0) * wd).sum(-1) / den
 
     @staticmethod
     def _keep(scores: Tensor, alive: Tensor, keep: int) -> Tensor:
