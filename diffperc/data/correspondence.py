@@ -61,14 +61,16 @@ def _size_arg(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return hw
 
 
-def _load_image(path: Path, what: str) -> Image.Image:
+def open_rgb(path: str | Path, what: str) -> Image.Image:
+    """Open an image file as RGB; ``what`` (e.g. ``"SRC image"``) starts the error messages."""
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: image {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as err:
-        raise OSError(f"{what}: cannot read image {path}: {err}") from err
+        raise ValueError(f"{what} {path} cannot be read: {err}") from err
 
 
 def _check_inside(kps: np.ndarray, hw: tuple[int, int], what: str) -> None:
@@ -116,7 +118,7 @@ class PairDataset(Dataset):
     def _side(self, rec: dict[str, Any], side: str) -> dict[str, Tensor]:
         """Load, check, flip and resize one image of a pair; keys without the src_/trg_ prefix."""
         what = f"pair {rec['name']} ({rec['source']})"
-        img = _load_image(rec[f"{side}_path"], what)
+        img = open_rgb(rec[f"{side}_path"], f"{what}: {side} image")
         w, h = img.size
         if rec.get(f"{side}_hw") is not None and tuple(rec[f"{side}_hw"]) != (h, w):
             raise ValueError(f"{what}: {side} image {rec[f'{side}_path']} is {h}x{w} (HxW) but the annotation says "

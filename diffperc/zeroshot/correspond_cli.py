@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from ..data.correspondence import open_rgb
 from .correspondence import match_points, mutual_nn
 
 __all__ = ["add_parser", "correspond", "draw_matches", "foreground_grid", "parse_points", "run"]
@@ -144,17 +145,6 @@ def draw_matches(
     return canvas
 
 
-def _load(path: str | Path, what: str) -> Image.Image:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{what} image {path} cannot be read: {err}") from err
-
-
 def _backbone(model: str, layers: str, timestep: int, ensemble_size: int) -> torch.nn.Module:
     """A DiffusionBackbone preset/folder with these options; fused SD + DINOv2 presets get them as ``sd_kwargs``."""
     from ..backbones.registry import load_backbone
@@ -186,7 +176,7 @@ def correspond(
     """
     from .._commands import native_size
 
-    src, trg = _load(src_path, "SRC"), _load(trg_path, "TRG")
+    src, trg = open_rgb(src_path, "SRC image"), open_rgb(trg_path, "TRG image")
     bb = _backbone(model, layers, timestep, ensemble_size)
     multiple = bb.size_multiple
     size = size or -(-native_size(bb.sd if hasattr(bb, "sd") else bb) // multiple) * multiple
