@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, viz
+from ._io import atomic_file, write_text_atomic
 from .backbones.registry import load_backbone
 
 __all__ = ["ExtractSummary", "IMAGE_SUFFIXES", "UnreadableImageError", "model_info", "native_size",
@@ -188,7 +188,7 @@ def _write_readme(out: Path, bb: nn.Module, model: str, size: int, timestep: int
             "attention_class_word.png: the class word's map alone for every image (it should sit on the strokes).",
             "", "Files:", *(f"  {p.name}" for p in files)]
     path = out / "README.txt"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(text) + "\n"))
+    write_text_atomic(path, "\n".join(text) + "\n")
     return path
 
 
@@ -201,19 +201,6 @@ class ExtractSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_image(path: Path, size: int) -> Tensor:
@@ -328,7 +315,8 @@ def _metadata(bb: nn.Module, model: str, size: int, prompt: str, stems: list[str
 def _save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 

@@ -14,7 +14,6 @@ in the target folder, then renames it, so a crash never leaves half a PNG.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from ._io import atomic_file
 
 __all__ = ["attention_grid", "colorize", "depth_to_image", "feature_pca", "feature_pca_image", "image_grid",
            "label_palette", "mask_overlay", "save_png", "to_pil"]
@@ -331,13 +332,6 @@ def mask_overlay(
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``img`` as PNG atomically (temp file in the same folder, then rename); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -6,13 +6,13 @@ Errors for weights that cannot be found say how to download them and how to run 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._io import atomic_dir
 
 __all__ = ["load_components", "save_components", "is_offline"]
 
@@ -89,22 +89,13 @@ def _load_single_file(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
 def save_components(folder: str | Path, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module,
                     tokenizer: Any, scheduler: Any) -> None:
     """Write a diffusers folder atomically: a temp folder beside the target, then rename."""
-    folder = Path(folder).expanduser().resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_dir(Path(folder).expanduser().resolve()) as tmp:
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "tokenizer")
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(_MODEL_INDEX)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 _MODEL_INDEX = """{

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
+
+from .._io import atomic_dir
 
 __all__ = ["IMAGE_SUFFIXES", "add_images", "add_parser", "build_index", "index_stats", "main", "query_index", "run"]
 
@@ -145,10 +146,7 @@ def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", 
         raise FileExistsError(f"--out {str(out)!r} exists: pick a new folder, use `diffperc index add`, or --overwrite")
     images = _list_images(Path(images_dir))
     embedder = OriginEmbedder.from_model(model, projection, image_size=image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the index is an ordinary folder
-    try:
+    with atomic_dir(out) as tmp:
         embedder.save_config(tmp)
         index = OriginIndex.create(tmp, embedder.dim, factory=factory)
         if index.index.is_trained:
@@ -156,12 +154,6 @@ def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", 
         else:
             counts = _build_trained(index, embedder, images, batch_size, strict, err)
         index.close()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 

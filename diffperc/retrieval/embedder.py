@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from ._sync import write_atomic
+from .._io import atomic_file, write_bytes_atomic
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "OriginEmbedder", "load_projection", "load_vae",
            "read_image", "save_projection", "to_tensor"]
@@ -155,16 +154,8 @@ def save_projection(weight: Tensor, path: str | os.PathLike, metadata: dict[str,
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({"weight": weight.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -289,7 +280,7 @@ class OriginEmbedder(nn.Module):
         folder = Path(folder)
         if self.projection is not None:
             save_projection(self.projection.weight, folder / "projection.safetensors")
-        write_atomic(folder / "embedder.json", json.dumps(self.config, indent=2).encode())
+        write_bytes_atomic(folder / "embedder.json", json.dumps(self.config, indent=2).encode(), durable=True)
 
     @classmethod
     def from_config(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> OriginEmbedder:

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ._sync import RWLock, write_atomic
+from .._io import write_bytes_atomic
+from ._sync import RWLock
 
 __all__ = ["DuplicateIdError", "Hit", "OriginIndex", "import_faiss"]
 
@@ -402,7 +403,7 @@ class OriginIndex:
                 if seq == self._snapshot_seq and any(self.folder.glob(_SNAPSHOT_GLOB)):
                     return None
                 data = self.faiss.serialize_index(self.index)
-            path = write_atomic(self.folder / f"snapshot-{seq:012d}.faiss", data.tobytes())
+            path = write_bytes_atomic(self.folder / f"snapshot-{seq:012d}.faiss", data.tobytes(), durable=True)
             self._snapshot_seq = seq
             for old in self.folder.glob(_SNAPSHOT_GLOB):
                 if old != path:

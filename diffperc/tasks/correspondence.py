@@ -16,8 +16,6 @@ category (:class:`~diffperc.zeroshot.correspondence.PCKTally`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,23 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._io import write_text_atomic
 from ..zeroshot.correspondence import PCKTally, match_points, pck_correct, sd_dino_descriptors
 from ._base import PerceptionTask
 
 __all__ = ["CorrespondenceTask"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CorrespondenceTask(PerceptionTask):
@@ -183,7 +169,7 @@ class CorrespondenceTask(PerceptionTask):
                    + tally.table())
         write = self.output_dir is not None or not self.trainer.fast_dev_run  # smoke runs leave no files behind
         if stage == "test" and self.trainer.is_global_zero and write:
-            _write_atomic(self._out_dir() / "pck.json", json.dumps({"pairs": len(tally.pairs), **res}, indent=1))
+            write_text_atomic(self._out_dir() / "pck.json", json.dumps({"pairs": len(tally.pairs), **res}, indent=1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from .._io import atomic_file
 from ..retrieval.embedder import OriginEmbedder, save_projection
 from ..retrieval.metrics import retrieval_metrics
 
@@ -190,20 +191,10 @@ class OriginIDTask(LightningModule):
             return
         if self._trainer is not None and self.trainer.fast_dev_run:
             return  # a smoke run writes nothing, as Lightning's own checkpoints
-        import tempfile
-
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file({k: v.contiguous() for k, v in self._cache.items()}, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self._cache_saved = len(self._cache)
 
     # ------------------------------------------------------------------ training
