@@ -176,6 +176,21 @@ def test_classify_errors_replays_classify_without_the_unet(sd):
         clf.classify_errors(errors.clone().fill_(math.nan), [(6, 1)])
 
 
+def test_timestep_range_moves_the_grid(sd):
+    """Pairs evenly spaced over [lo, hi): the same errors as passing those timesteps by hand."""
+    clf = DiffusionClassifier.from_classes(sd, CLASSES, timestep_range=(300, 1000), schedule=[(2, 2), (7, 1)])
+    assert clf.grid(7).tolist() == [350, 450, 550, 650, 750, 850, 950]
+    t, noise = clf.pairs(7, (4, 16, 16))
+    assert torch.equal(t, clf.grid(7)) and noise.shape == (7, 4, 16, 16)
+    latents = sd.encode_images(torch.rand(2, 3, 32, 32))
+    full = DiffusionClassifier.from_classes(sd, CLASSES)  # default range [0, 1000): the paper's grid
+    assert torch.equal(full.grid(4), evenly_spaced(4, 1000))
+    torch.testing.assert_close(clf.score(latents=latents, noise=noise),
+                               full.score(latents=latents, timesteps=clf.grid(7), noise=noise))
+    out = clf.classify(latents=latents)
+    torch.testing.assert_close(out.scores[out.n_pairs == 7], clf.score(latents=latents)[out.n_pairs == 7])
+
+
 def test_images_are_encoded_once(sd):
     clf = DiffusionClassifier.from_classes(sd, CLASSES, schedule=[(2, 2), (4, 1)])
     n = []
@@ -290,6 +305,11 @@ def test_bad_inputs_are_clear_errors(sd):
             DiffusionClassifier.from_classes(sd, CLASSES, schedule=schedule)
     with pytest.raises(ValueError, match="loss must be one of"):
         DiffusionClassifier.from_classes(sd, CLASSES, loss="l3")
+    for bad in [(500, 500), (-1, 10), (0, 1001), "0-500", (1, 2, 3)]:
+        with pytest.raises(ValueError, match=r"timestep_range must be \(lo, hi\) with 0 <= lo < hi <= 1000"):
+            DiffusionClassifier.from_classes(sd, CLASSES, timestep_range=bad)
+    with pytest.raises(ValueError, match="at most the 100 training timesteps"):  # only 100 distinct in [900, 1000)
+        DiffusionClassifier.from_classes(sd, CLASSES, timestep_range=(900, 1000), schedule=[(101, 1)])
     with pytest.raises(ValueError, match="two images"):
         match_images(sd, torch.rand(1, 3, 32, 32), "a cat")
     with pytest.raises(ValueError, match="two captions"):
@@ -407,9 +427,14 @@ def test_classify_cli(tmp_path, capsys):
     assert lines[0].split() == ["rank", "class", "error", "pairs"] and len(lines) == 5
     assert sorted(line.split()[1] for line in lines[1:4]) == ["bird", "cat", "dog"]
     assert "UNet evaluations: 9 (naive: 9)" in lines[4]
+    args = parser.parse_args(["classify", str(path), "--classes", "cat,dog", "--model", "test_sd", "--samples", "2",
+                              "--timestep-range", "500,1000"])
+    assert classify_cli.run(args) == 0 and "UNet evaluations: 4 (naive: 4)" in capsys.readouterr().out
     for bad, match in [(["--classes", "cat"], "at least two"), (["--classes", "cat,cat"], "duplicate"),
                        (["--classes", "cat,dog", "--template", "a photo"], "no '{}'"),
-                       (["--classes", "cat,dog", "--schedule", "5-1"], "--schedule")]:
+                       (["--classes", "cat,dog", "--schedule", "5-1"], "--schedule"),
+                       (["--classes", "cat,dog", "--timestep-range", "300"], "--timestep-range must look like"),
+                       (["--classes", "cat,dog", "--timestep-range", "700,300"], "0 <= lo < hi <= 1000")]:
         assert classify_cli.run(parser.parse_args(["classify", str(path), "--model", "test_sd", *bad])) == 1
         assert match in capsys.readouterr().err
     assert classify_cli.run(parser.parse_args(["classify", str(tmp_path / "no.png"), "--classes", "a,b",

@@ -13,7 +13,7 @@ of loss(eps - eps_hat(x_t, t, c_k)); a class's score is the (weighted) mean erro
 classes for the same x_t.
 
 Adaptive evaluation (the paper's ``--n_samples 50 500 --to_keep 5 1``): the S pairs are a
-grid of S timesteps evenly spaced over [0, T) with one seeded noise each (S = the last round's
+grid of S timesteps evenly spaced over [0, T) (or a narrower ``timestep_range``) with one seeded noise each (S = the last round's
 ``n_samples``). Round r scores the classes still in play on the evenly spaced ``n_samples_r``
 pairs of that grid, reusing every (pair, class) error computed in earlier rounds, and keeps
 the ``keep_r`` classes of lowest mean error. Since the noise belongs to the grid slot, a naive
@@ -95,7 +95,7 @@ def _check_schedule(schedule: Sequence[Sequence[int]], n_train: int) -> tuple[tu
     ns, keeps = [n for n, _ in rounds], [k for _, k in rounds]
     if ns[0] < 1 or any(b <= a for a, b in pairwise(ns)) or ns[-1] > n_train:
         raise ValueError(f"schedule n_samples must increase from >= 1 to at most the {n_train} training "
-                         f"timesteps, got {ns}")
+                         f"timesteps (of timestep_range), got {ns}")
     if keeps[-1] < 1 or any(b > a for a, b in pairwise(keeps)):
         raise ValueError(f"schedule keep counts must be >= 1 and not increase, got {keeps}")
     return rounds
@@ -164,6 +164,11 @@ class DiffusionClassifier:
             their text embeddings into one condition (one evaluation per class).
         weighting: maps timesteps (S,) to non-negative weights (S,) of the mean over pairs;
             None is uniform (the paper found uniform best).
+        timestep_range: ``(lo, hi)``: the default pairs' timesteps are evenly spaced over
+            [lo, hi) instead of [0, T). None (default) is the paper's full range. The paper's
+            ablation found the full range best for SD; a small model can carry its class
+            information in part of it (the bundled digits model: t >= 300, see
+            ``benchmarks/bench_classifier.py``), and a narrower range then costs fewer pairs.
         batch_size: latents per UNet call (pairs x conditions, packed in order).
         seed: seed of the shared noise (drawn on the CPU, so the same on every device).
         progress: show a progress bar over UNet calls.
@@ -173,7 +178,7 @@ class DiffusionClassifier:
         self, backbone: Any, prompts: Sequence[str | Sequence[str]], class_names: Sequence[str] | None = None,
         schedule: Sequence[Sequence[int]] = PAPER_SCHEDULE, loss: str = "l2", huber_delta: float = 1.0,
         prompt_ensemble: str = "errors", weighting: Callable[[Tensor], Tensor] | None = None,
-        batch_size: int = 32, seed: int = 0, progress: bool = False,
+        timestep_range: Sequence[int] | None = None, batch_size: int = 32, seed: int = 0, progress: bool = False,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -188,7 +193,8 @@ class DiffusionClassifier:
         if len(self.class_names) != len(self.prompts) or len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be {len(self.prompts)} distinct names, got {self.class_names}")
         self.num_train_timesteps = int(backbone.scheduler.config.num_train_timesteps)
-        self.schedule = _check_schedule(schedule, self.num_train_timesteps)
+        self.timestep_range = self._check_range(timestep_range)
+        self.schedule = self._check_schedule(schedule)
         if prompt_ensemble == "errors":
             self._cond_prompts = [p for ps in self.prompts for p in ps]
             self._cond_class = torch.tensor([k for k, ps in enumerate(self.prompts) for _ in ps])
@@ -219,6 +225,27 @@ class DiffusionClassifier:
             raise ValueError(f"duplicate prompts {dupes}: two classes with one prompt cannot be told apart")
         return out
 
+    def _check_range(self, timestep_range: Sequence[int] | None) -> tuple[int, int]:
+        T = self.num_train_timesteps
+        if timestep_range is None:
+            return 0, T
+        try:
+            lo, hi = (int(v) for v in timestep_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo < hi <= {T}, got {timestep_range!r}") from None
+        if not 0 <= lo < hi <= T:
+            raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo < hi <= {T}, got ({lo}, {hi})")
+        return lo, hi
+
+    def _check_schedule(self, schedule: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+        lo, hi = self.timestep_range
+        return _check_schedule(schedule, hi - lo)
+
+    def grid(self, n: int) -> Tensor:
+        """The default pairs' timesteps: ``n`` evenly spaced over ``timestep_range`` (default [0, T)), (n,)."""
+        lo, hi = self.timestep_range
+        return lo + evenly_spaced(n, hi - lo)
+
     @property
     def num_classes(self) -> int:
         return len(self.prompts)
@@ -244,17 +271,18 @@ class DiffusionClassifier:
         return latents.to(self.backbone.device, torch.float32)
 
     def pairs(self, n: int, latent_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """The default S = n pairs: timesteps (n,) evenly spaced over [0, T) and seeded noise (n, C, h, w)."""
+        """The default S = n pairs: timesteps (n,) evenly spaced over ``timestep_range`` ([0, T) by default) and
+        seeded noise (n, C, h, w)."""
         shape = (n, *latent_shape)
         if shape not in self._noise:
             self._noise[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
-        return evenly_spaced(n, self.num_train_timesteps), self._noise[shape]
+        return self.grid(n), self._noise[shape]
 
     def _check_pairs(self, x0: Tensor, timesteps: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         if timesteps is None and noise is None:
             return self.pairs(self.schedule[-1][0], x0.shape[1:])
         if timesteps is None:
-            timesteps = evenly_spaced(len(noise), self.num_train_timesteps)
+            timesteps = self.grid(len(noise))
         timesteps = torch.as_tensor(timesteps)
         if timesteps.ndim != 1 or timesteps.is_floating_point() or len(timesteps) == 0:
             raise ValueError(f"timesteps must be a non-empty 1-D integer tensor (S,), got {tuple(timesteps.shape)} "
@@ -390,7 +418,7 @@ class DiffusionClassifier:
             images: (B, 3, H, W) in [0, 1], or ``latents`` (B, C, h, w).
             schedule: rounds ``[(n_samples, keep), ...]`` for this call; default ``self.schedule``.
         """
-        rounds = self.schedule if schedule is None else _check_schedule(schedule, self.num_train_timesteps)
+        rounds = self.schedule if schedule is None else self._check_schedule(schedule)
         x0 = self._latents(images, latents)
         n_pairs = rounds[-1][0]
         timesteps, noise = self.pairs(n_pairs, x0.shape[1:])
@@ -411,7 +439,7 @@ class DiffusionClassifier:
             errors: (B, K, S) class errors on the S evenly spaced seeded pairs.
             schedule: rounds ``[(n_samples, keep), ...]`` with last ``n_samples`` = S; default ``self.schedule``.
         """
-        rounds = self.schedule if schedule is None else _check_schedule(schedule, self.num_train_timesteps)
+        rounds = self.schedule if schedule is None else self._check_schedule(schedule)
         if errors.ndim != 3 or errors.shape[1] != self.num_classes or errors.shape[2] != rounds[-1][0]:
             raise ValueError(f"errors must be (B, K={self.num_classes}, S={rounds[-1][0]}) (pair_errors on the "
                              f"schedule's S pairs), got {tuple(errors.shape)}")
@@ -427,7 +455,7 @@ class DiffusionClassifier:
         """The rounds of adaptive evaluation. ``fill(need)`` computes the (B, K, S) errors marked in
         ``need`` and returns UNet evaluations per image (B,); ``class_errors()`` gives (B, K, S) errors."""
         n_cls, n_pairs = self.num_classes, rounds[-1][0]
-        w = self._weights(evenly_spaced(n_pairs, self.num_train_timesteps))
+        w = self._weights(self.grid(n_pairs))
         done = torch.zeros(n_img, n_cls, n_pairs, dtype=torch.bool)
         alive = torch.ones(n_img, n_cls, dtype=torch.bool)
         stage = torch.zeros(n_img, n_cls, dtype=torch.long)

@@ -38,7 +38,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=32, help="latents per UNet call (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default: 0)")
+    p.add_argument("--timestep-range", default=None, metavar="LO,HI",
+                   help="spread the pairs' timesteps over [LO, HI) instead of all of [0, T), e.g. '300,1000'")
     return p
+
+
+def parse_range(text: str | None) -> tuple[int, int] | None:
+    """``"300,1000"`` -> ``(300, 1000)``; None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--timestep-range must look like '300,1000' (LO,HI), got {text!r}") from None
+    return lo, hi
 
 
 def parse_schedule(text: str) -> list[tuple[int, int]]:
@@ -68,7 +81,8 @@ def _load_image(path: str, size: int):  # -> Tensor (1, 3, size, size)
 
 def classify_image(image: str, classes: list[str], templates: list[str] | None = None, model: str = "digits",
                    samples: int = 50, schedule: list[tuple[int, int]] | None = None, loss: str = "l2",
-                   size: int | None = None, batch_size: int = 32, seed: int = 0, out: TextIO | None = None) -> int:
+                   size: int | None = None, batch_size: int = 32, seed: int = 0,
+                   timestep_range: tuple[int, int] | None = None, out: TextIO | None = None) -> int:
     """Classify one image file and print the ranked table; returns the index of the best class."""
     import torch
 
@@ -85,7 +99,7 @@ def classify_image(image: str, classes: list[str], templates: list[str] | None =
         raise ValueError(f"--size {size} is not a multiple of {backbone.size_multiple} for model {model}")
     clf = DiffusionClassifier.from_classes(
         backbone, classes, templates or ["a photo of a {}."], schedule=schedule or [(samples, 1)], loss=loss,
-        batch_size=batch_size, seed=seed, progress=True)
+        batch_size=batch_size, seed=seed, timestep_range=timestep_range, progress=True)
     with torch.no_grad():
         res = clf.classify(_load_image(image, size).to(backbone.device))
     width = max(5, *(len(c) for c in classes))
@@ -106,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--classes has an empty name: {args.classes!r} (comma-separated, e.g. 'cat,dog')")
         schedule = parse_schedule(args.schedule) if args.schedule else None
         classify_image(args.image, classes, args.template, model=args.model, samples=args.samples, schedule=schedule,
-                       loss=args.loss, size=args.size, batch_size=args.batch_size, seed=args.seed)
+                       loss=args.loss, size=args.size, batch_size=args.batch_size, seed=args.seed,
+                       timestep_range=parse_range(args.timestep_range))
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"diffperc classify: error: {err}", file=sys.stderr)
         return 1
