@@ -25,13 +25,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, viz
-from ._io import atomic_file, write_text_atomic
+from ._io import IMAGE_SUFFIXES, atomic_file, list_images, write_text_atomic
 from .backbones.registry import load_backbone
 
 __all__ = ["ExtractSummary", "IMAGE_SUFFIXES", "UnreadableImageError", "model_info", "native_size",
            "prompt_tokens", "run_demo", "run_extract"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CELL = 96  # pixels per picture in the demo grids
 
 
@@ -213,20 +212,6 @@ def _read_image(path: Path, size: int) -> Tensor:
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
 
 
-def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
-    if not folder.is_dir():
-        raise NotADirectoryError(f"IMAGES_DIR {str(folder)!r} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    stems: dict[str, str] = {}
-    for p in images:
-        if p.stem in stems:
-            raise ValueError(f"{stems[p.stem]} and {p.name} share the stem {p.stem!r}, which names their "
-                             "features: rename one")
-        stems[p.stem] = p.name
-    return images, [p.name for p in files if p not in images]
-
-
 def run_extract(images_dir: str | os.PathLike, out: str | os.PathLike, model: str = "digits",
                 layers: str = "vpd", timestep: int | None = None, add_noise: bool | None = None,
                 ensemble_size: int = 1, prompt: str = "", size: int | None = None, batch_size: int = 8,
@@ -249,7 +234,7 @@ def run_extract(images_dir: str | os.PathLike, out: str | os.PathLike, model: st
         err: stream for the report (default stderr).
     """
     err = err or sys.stderr
-    images, ignored = _list_images(Path(images_dir))
+    images, ignored = list_images(Path(images_dir))
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}")
     kwargs: dict[str, Any] = {"layers": _parse_layers(layers),

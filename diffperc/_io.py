@@ -1,4 +1,4 @@
-"""Atomic files and folders: write beside the target, then rename, so a crash never leaves half of one.
+"""Files: atomic writes (beside the target, then rename: a crash never leaves half a file) and image listings.
 
 Every writer of the library (PNG pictures, safetensors features and caches, JSON results, index
 snapshots, model and index folders) goes through these helpers.
@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "fsync_dir", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_dir", "atomic_file", "fsync_dir", "list_images", "write_bytes_atomic",
+           "write_text_atomic"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what PIL reads
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -87,3 +90,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def list_images(folder: Path, what: str = "IMAGES_DIR", stem_names: str = "their features") -> tuple[
+        list[Path], list[str]]:
+    """The image files of ``folder`` (sorted, hidden files skipped) and the names of its other files.
+
+    Two images with the same stem raise: the stem names what is made of them (``stem_names``).
+    """
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what} {str(folder)!r} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems: dict[str, str] = {}
+    for p in images:
+        if p.stem in stems:
+            raise ValueError(f"{stems[p.stem]} and {p.name} share the stem {p.stem!r}, which names {stem_names}: "
+                             "rename one")
+        stems[p.stem] = p.name
+    return images, [p.name for p in files if p not in images]

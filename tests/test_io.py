@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffperc._io import atomic_dir, atomic_file, write_bytes_atomic, write_text_atomic
+from diffperc._io import atomic_dir, atomic_file, list_images, write_bytes_atomic, write_text_atomic
 
 
 def _mode(path: Path) -> int:
@@ -50,3 +50,16 @@ def test_atomic_dir_replaces_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="appeared"), atomic_dir(tmp_path / "new", overwrite=False) as tmp:
         (tmp_path / "new").mkdir()
     assert [p.name for p in (tmp_path / "new").iterdir()] == [] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_list_images(tmp_path: Path) -> None:
+    for name in ("b.PNG", "a.jpg", "notes.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.png").mkdir()  # a folder is not an image
+    images, others = list_images(tmp_path)
+    assert [p.name for p in images] == ["a.jpg", "b.PNG"] and others == ["notes.txt"]
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a.jpg and a.png share the stem 'a', which names the ids: rename one"):
+        list_images(tmp_path, stem_names="the ids")
+    with pytest.raises(NotADirectoryError, match=r"--images '.*notes.txt' is not a folder"):
+        list_images(tmp_path / "notes.txt", what="--images")

@@ -29,11 +29,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._io import IMAGE_SUFFIXES
+
 __all__ = ["CIFAR10_FOLDER", "Cifar10DataModule", "Cifar10Dataset", "IMAGE_SUFFIXES", "ImageFolderDataModule",
            "cifar10_classes", "cifar10_folder",
            "ImageFolderDataset", "resize_center_crop"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 

@@ -25,11 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .._io import atomic_dir
+from .._io import IMAGE_SUFFIXES, atomic_dir, list_images
 
 __all__ = ["IMAGE_SUFFIXES", "add_images", "add_parser", "build_index", "index_stats", "main", "query_index", "run"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 COMMANDS = ("index", "serve")
 
 
@@ -80,18 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- work
 def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--images {str(folder)!r} is not a folder of images")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                    and not p.name.startswith("."))
+    images, _ = list_images(folder, "--images", "their references (the id)")
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
-    seen: dict[str, str] = {}
-    for p in images:
-        if p.stem in seen:
-            raise ValueError(f"{seen[p.stem]} and {p.name} share the id {p.stem!r} (file name without extension): "
-                             "rename one")
-        seen[p.stem] = p.name
     return images
 
 
