@@ -157,23 +157,63 @@ def test_classify_errors_replays_classify_without_the_unet(sd):
     for templates in ("a photo of a {}.", ["a photo of a {}.", "a {}"]):  # 1 and 2 UNet evaluations per class
         clf = DiffusionClassifier.from_classes(sd, CLASSES, templates, batch_size=7)
         errors = clf.pair_errors(latents=latents, timesteps=evenly_spaced(6, 1000))  # (3, 4, 6), the naive run
-        for schedule in ([(2, 3), (3, 2), (6, 1)], [(1, 2), (6, 1)], [(6, 1)]):
-            real = clf.classify(latents=latents, schedule=schedule)
+        for schedule, z in (([(2, 3), (3, 2), (6, 1)], None), ([(1, 2), (6, 1)], None), ([(6, 1)], None),
+                            ([(8, 4), (10, 1)], 3.0)):  # elimination needs >= 8 shared pairs
+            if schedule[-1][0] != errors.shape[-1]:
+                errors = clf.pair_errors(latents=latents, timesteps=evenly_spaced(schedule[-1][0], 1000))
+            real = clf.classify(latents=latents, schedule=schedule, eliminate=z)
+            if z is not None:  # keep 4 drops nobody: only elimination leaves classes at 8 of 10 pairs
+                assert (real.n_pairs == 8).any()
             calls, hook = _record_calls(sd.unet)
             try:
-                replay = clf.classify_errors(errors, schedule)
+                replay = clf.classify_errors(errors, schedule, eliminate=z)
             finally:
                 hook.remove()
             assert calls == []
             for name in ("pred", "ranking", "n_pairs", "unet_evals"):
-                assert torch.equal(getattr(replay, name), getattr(real, name)), (templates, schedule, name)
+                assert torch.equal(getattr(replay, name), getattr(real, name)), (templates, schedule, z, name)
             torch.testing.assert_close(replay.scores, real.scores)
     with pytest.raises(ValueError, match=r"errors must be \(B, K=4, S=6\)"):
         clf.classify_errors(errors[:, :3], [(6, 1)])
     with pytest.raises(ValueError, match=r"S=8"):
         clf.classify_errors(errors, [(2, 2), (8, 1)])
     with pytest.raises(ValueError, match="NaN"):
-        clf.classify_errors(errors.clone().fill_(math.nan), [(6, 1)])
+        clf.classify_errors(errors.clone().fill_(math.nan), [(errors.shape[-1], 1)])
+
+
+def _fake_classifier(k: int, **kwargs) -> DiffusionClassifier:
+    """A classifier over k prompts for classify_errors only (no model: it never calls the UNet)."""
+    bb = SimpleNamespace(scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)))
+    return DiffusionClassifier(bb, [f"class {i}" for i in range(k)], **kwargs)
+
+
+def test_successive_elimination_by_hand():
+    """Class 1 is worse than the others by a clear paired margin, 0, 2 and 3 are within noise of each
+    other: after 8 pairs eliminate=3 drops exactly the classes a hand-computed t statistic drops."""
+    g = torch.Generator().manual_seed(0)
+    errors = torch.rand(1, 1, 16, generator=g).repeat(1, 4, 1) + 0.01 * torch.randn(1, 4, 16, generator=g)
+    errors[0, 1] += 0.2  # worse on every pair
+    errors[0, 0] -= 0.002  # the leader, barely
+    schedule, z = [(8, 4), (16, 1)], 3.0
+    clf = _fake_classifier(4)
+    first = errors[0][:, evenly_spaced(8, 16)]  # the first round's pairs
+    leader = int(first.mean(1).argmin())
+    d = first - first[leader]
+    t = d.mean(1) / (d.std(1) / 8**0.5)
+    expect_alive = (t <= z) | (torch.arange(4) == leader)
+    out = clf.classify_errors(errors, schedule, eliminate=z)
+    assert leader == 0 and not expect_alive[1] and 2 <= int(expect_alive.sum()) <= 3
+    assert (out.n_pairs[0] == 16).tolist() == expect_alive.tolist()
+    assert int(out.unet_evals[0]) == 4 * 8 + 8 * int(expect_alive.sum())
+    fixed = clf.classify_errors(errors, schedule)  # the paper's rule: keep 4 = everyone
+    assert int(fixed.unet_evals[0]) == 4 * 16 and (fixed.n_pairs == 16).all()
+    early = clf.classify_errors(errors, [(4, 4), (16, 1)], eliminate=z)  # 4 shared pairs: too few to drop
+    assert int(early.unet_evals[0]) == 4 * 16
+    alone = clf.classify_errors(errors, [(8, 1), (16, 1)])  # one class left after round 1: no more evaluations
+    assert int(alone.unet_evals[0]) == 4 * 8 and alone.pred.tolist() == [0]
+    for bad in (0, -1.0, math.inf, "3"):
+        with pytest.raises(ValueError, match="eliminate must be a positive t threshold"):
+            clf.classify_errors(errors, schedule, eliminate=bad)
 
 
 def test_timestep_range_moves_the_grid(sd):
@@ -434,7 +474,8 @@ def test_classify_cli(tmp_path, capsys):
                        (["--classes", "cat,dog", "--template", "a photo"], "no '{}'"),
                        (["--classes", "cat,dog", "--schedule", "5-1"], "--schedule"),
                        (["--classes", "cat,dog", "--timestep-range", "300"], "--timestep-range must look like"),
-                       (["--classes", "cat,dog", "--timestep-range", "700,300"], "0 <= lo < hi <= 1000")]:
+                       (["--classes", "cat,dog", "--timestep-range", "700,300"], "0 <= lo < hi <= 1000"),
+                       (["--classes", "cat,dog", "--eliminate", "-2"], "eliminate must be a positive")]:
         assert classify_cli.run(parser.parse_args(["classify", str(path), "--model", "test_sd", *bad])) == 1
         assert match in capsys.readouterr().err
     assert classify_cli.run(parser.parse_args(["classify", str(tmp_path / "no.png"), "--classes", "a,b",

@@ -43,6 +43,7 @@ class ClassificationTask(PerceptionTask):
         prompt_ensemble: ``"errors"`` or ``"embeddings"`` (with several templates).
         weighting: timesteps (S,) -> weights (S,); None is uniform.
         timestep_range: ``[lo, hi]``: pairs' timesteps evenly spaced over [lo, hi); None is [0, T).
+        eliminate: successive-elimination t threshold on top of the rounds' keep caps; None is off.
         batch_size: latents per UNet call.
         seed: seed of the shared (t, eps) pairs.
         optimizer, backbone_lr_mult: unused (kept for the shared base and YAML compatibility).
@@ -53,7 +54,7 @@ class ClassificationTask(PerceptionTask):
         classes: list[str] | None = None, templates: str | list[str] = "a photo of a {}.",
         schedule: Sequence[Sequence[int]] = PAPER_SCHEDULE, loss: str = "l2", prompt_ensemble: str = "errors",
         weighting: Callable[[Tensor], Tensor] | None = None, timestep_range: Sequence[int] | None = None,
-        batch_size: int = 32, seed: int = 0, optimizer: OptimizerCallable = torch.optim.AdamW,
+        eliminate: float | None = None, batch_size: int = 32, seed: int = 0, optimizer: OptimizerCallable = torch.optim.AdamW,
         backbone_lr_mult: float = 0.1,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult)
@@ -63,6 +64,7 @@ class ClassificationTask(PerceptionTask):
         self.templates, self.schedule, self.loss = templates, [tuple(r) for r in schedule], loss
         self.prompt_ensemble, self.weighting, self.batch_size, self.seed = prompt_ensemble, weighting, batch_size, seed
         self.timestep_range = None if timestep_range is None else tuple(timestep_range)
+        self.eliminate = eliminate
         self.classifier: DiffusionClassifier | None = None
         if self.classes is not None:
             self._build()
@@ -72,7 +74,7 @@ class ClassificationTask(PerceptionTask):
         self.classifier = DiffusionClassifier.from_classes(
             self.backbone, self.classes, self.templates, schedule=self.schedule, loss=self.loss,
             prompt_ensemble=self.prompt_ensemble, weighting=self.weighting, timestep_range=self.timestep_range,
-            batch_size=self.batch_size, seed=self.seed)
+            eliminate=self.eliminate, batch_size=self.batch_size, seed=self.seed)
         k = len(self.classes)
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric

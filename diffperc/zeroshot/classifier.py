@@ -18,7 +18,10 @@ grid of S timesteps evenly spaced over [0, T) (or a narrower ``timestep_range``)
 pairs of that grid, reusing every (pair, class) error computed in earlier rounds, and keeps
 the ``keep_r`` classes of lowest mean error. Since the noise belongs to the grid slot, a naive
 run (``schedule=[(S, 1)]``: all classes on all S pairs) and an adaptive run give the same
-error for the same (pair, class).
+error for the same (pair, class). An image with one class left costs nothing more. Beyond the
+paper, ``eliminate`` adds successive elimination: after a round, classes whose paired t
+statistic against the leader exceeds the threshold are dropped even when ``keep`` would keep
+them, so easy images stop early (:meth:`DiffusionClassifier._eliminate`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = ["ClassifierOutput", "DiffusionClassifier", "class_prompts", "evenly_s
 LOSSES = ("l2", "l1", "huber")
 PROMPT_ENSEMBLES = ("errors", "embeddings")
 PAPER_SCHEDULE = ((50, 5), (500, 1))  # CIFAR-10 in the paper's commands.md
+ELIMINATE_MIN_PAIRS = 8  # a t statistic over fewer shared pairs is too noisy to drop a class on
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -169,6 +173,12 @@ class DiffusionClassifier:
             ablation found the full range best for SD; a small model can carry its class
             information in part of it (the bundled digits model: t >= 300, see
             ``benchmarks/bench_classifier.py``), and a narrower range then costs fewer pairs.
+        eliminate: optional successive elimination on top of the rounds' ``keep`` caps: after every
+            round but the last, a class whose paired t statistic against the leading class
+            (mean over the >= 8 shared pairs of the error difference / its standard error) exceeds
+            ``eliminate`` is dropped, so easy images stop early while hard ones keep up to
+            ``keep`` classes. None (default) is the paper's fixed ``keep``. An image with one
+            class left is never evaluated again (with or without elimination).
         batch_size: latents per UNet call (pairs x conditions, packed in order).
         seed: seed of the shared noise (drawn on the CPU, so the same on every device).
         progress: show a progress bar over UNet calls.
@@ -178,7 +188,8 @@ class DiffusionClassifier:
         self, backbone: Any, prompts: Sequence[str | Sequence[str]], class_names: Sequence[str] | None = None,
         schedule: Sequence[Sequence[int]] = PAPER_SCHEDULE, loss: str = "l2", huber_delta: float = 1.0,
         prompt_ensemble: str = "errors", weighting: Callable[[Tensor], Tensor] | None = None,
-        timestep_range: Sequence[int] | None = None, batch_size: int = 32, seed: int = 0, progress: bool = False,
+        timestep_range: Sequence[int] | None = None, eliminate: float | None = None, batch_size: int = 32,
+        seed: int = 0, progress: bool = False,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -194,6 +205,7 @@ class DiffusionClassifier:
             raise ValueError(f"class_names must be {len(self.prompts)} distinct names, got {self.class_names}")
         self.num_train_timesteps = int(backbone.scheduler.config.num_train_timesteps)
         self.timestep_range = self._check_range(timestep_range)
+        self.eliminate = self._check_eliminate(eliminate)
         self.schedule = self._check_schedule(schedule)
         if prompt_ensemble == "errors":
             self._cond_prompts = [p for ps in self.prompts for p in ps]
@@ -411,12 +423,13 @@ class DiffusionClassifier:
 
     # ------------------------------------------------------------------ adaptive prediction
     def classify(self, images: Tensor | Sequence[Tensor] | None = None, latents: Tensor | None = None,
-                 schedule: Sequence[Sequence[int]] | None = None) -> ClassifierOutput:
+                 schedule: Sequence[Sequence[int]] | None = None, eliminate: float | None = None) -> ClassifierOutput:
         """Adaptive classification of B images (images encoded once); see the class docstring.
 
         Args:
             images: (B, 3, H, W) in [0, 1], or ``latents`` (B, C, h, w).
             schedule: rounds ``[(n_samples, keep), ...]`` for this call; default ``self.schedule``.
+            eliminate: this call's elimination threshold (see the class docstring); default ``self.eliminate``.
         """
         rounds = self.schedule if schedule is None else self._check_schedule(schedule)
         x0 = self._latents(images, latents)
@@ -424,9 +437,10 @@ class DiffusionClassifier:
         timesteps, noise = self.pairs(n_pairs, x0.shape[1:])
         err = torch.full((len(x0), self.num_conditions, n_pairs), math.nan)
         return self._adaptive(rounds, len(x0), lambda need: self._fill(err, need, x0, timesteps, noise),
-                              lambda: self._class_errors(err))
+                              lambda: self._class_errors(err), eliminate)
 
-    def classify_errors(self, errors: Tensor, schedule: Sequence[Sequence[int]] | None = None) -> ClassifierOutput:
+    def classify_errors(self, errors: Tensor, schedule: Sequence[Sequence[int]] | None = None,
+                        eliminate: float | None = None) -> ClassifierOutput:
         """Adaptive classification replayed from precomputed errors, without a UNet call.
 
         Given the (B, K, S) errors of every image, class and pair from :meth:`pair_errors` on the
@@ -438,6 +452,7 @@ class DiffusionClassifier:
         Args:
             errors: (B, K, S) class errors on the S evenly spaced seeded pairs.
             schedule: rounds ``[(n_samples, keep), ...]`` with last ``n_samples`` = S; default ``self.schedule``.
+            eliminate: as in :meth:`classify`.
         """
         rounds = self.schedule if schedule is None else self._check_schedule(schedule)
         if errors.ndim != 3 or errors.shape[1] != self.num_classes or errors.shape[2] != rounds[-1][0]:
@@ -448,12 +463,13 @@ class DiffusionClassifier:
         per_class = torch.bincount(self._cond_class, minlength=self.num_classes)  # UNet evaluations per pair
         errors = errors.detach().float().cpu()
         return self._adaptive(rounds, len(errors), lambda need: (need * per_class[:, None]).sum((1, 2)),
-                              lambda: errors)
+                              lambda: errors, eliminate)
 
     def _adaptive(self, rounds: tuple[tuple[int, int], ...], n_img: int, fill: Callable[[Tensor], Tensor],
-                  class_errors: Callable[[], Tensor]) -> ClassifierOutput:
+                  class_errors: Callable[[], Tensor], eliminate: float | None) -> ClassifierOutput:
         """The rounds of adaptive evaluation. ``fill(need)`` computes the (B, K, S) errors marked in
         ``need`` and returns UNet evaluations per image (B,); ``class_errors()`` gives (B, K, S) errors."""
+        eliminate = self._check_eliminate(self.eliminate if eliminate is None else eliminate)
         n_cls, n_pairs = self.num_classes, rounds[-1][0]
         w = self._weights(self.grid(n_pairs))
         done = torch.zeros(n_img, n_cls, n_pairs, dtype=torch.bool)
@@ -463,12 +479,15 @@ class DiffusionClassifier:
         for r, (n, keep) in enumerate(rounds):
             sel = torch.zeros(n_pairs, dtype=torch.bool)
             sel[evenly_spaced(n, n_pairs)] = True
-            need = alive[:, :, None] & sel & ~done
+            decided = alive.sum(1) == 1  # one class left: its image costs nothing more
+            need = alive[:, :, None] & sel & ~done & ~decided[:, None, None]
             evals += fill(need)
             done |= need
             stage[alive] = r
             scores = self._reduce(class_errors(), done, w)
             alive = self._keep(scores, alive, keep)
+            if eliminate is not None and r < len(rounds) - 1:
+                alive = self._eliminate(class_errors(), done, scores, alive, eliminate)
         ranking = _rank(scores, stage)
         return ClassifierOutput(pred=ranking[:, 0], ranking=ranking, scores=scores, n_pairs=done.sum(-1),
                                 unet_evals=evals, naive_evals=self.num_conditions * n_pairs)
@@ -486,6 +505,32 @@ class DiffusionClassifier:
         if (den <= 0).any():
             raise ValueError("weighting gives zero weight to every pair of a round; no class can be scored")
         return (class_err.nan_to_num(0.0) * wd).sum(-1) / den
+
+    @staticmethod
+    def _check_eliminate(z: float | None) -> float | None:
+        if z is not None and not (isinstance(z, int | float) and math.isfinite(z) and z > 0):
+            raise ValueError(f"eliminate must be a positive t threshold such as 3.0, or None, got {z!r}")
+        return None if z is None else float(z)
+
+    @staticmethod
+    def _eliminate(class_err: Tensor, done: Tensor, scores: Tensor, alive: Tensor, z: float) -> Tensor:
+        """Drop the alive classes whose paired t statistic against the leader exceeds ``z``.
+
+        For class k and the leader b (lowest score among the alive), over the n pairs both were
+        scored on, d = e_k - e_b and t = mean(d) / (std(d) / sqrt(n)) (unweighted); nothing is
+        dropped before n reaches ``ELIMINATE_MIN_PAIRS``.
+        """
+        leader = scores.masked_fill(~alive, math.inf).argmin(1)  # (B,)
+        idx = leader.view(-1, 1, 1).expand(-1, 1, class_err.shape[2])
+        both = done & done.gather(1, idx)  # (B, K, S)
+        d = (class_err - class_err.gather(1, idx)).nan_to_num(0.0) * both
+        n = both.sum(-1).float()
+        mean = d.sum(-1) / n.clamp_min(1)
+        var = ((d - mean[..., None]) ** 2 * both).sum(-1) / (n - 1).clamp_min(1)
+        t = mean / (var / n.clamp_min(1)).sqrt()
+        drop = alive & (n >= ELIMINATE_MIN_PAIRS) & (t > z)  # NaN (no spread, no difference) never drops
+        drop[torch.arange(len(leader)), leader] = False
+        return alive & ~drop
 
     @staticmethod
     def _keep(scores: Tensor, alive: Tensor, keep: int) -> Tensor:

@@ -40,6 +40,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default: 0)")
     p.add_argument("--timestep-range", default=None, metavar="LO,HI",
                    help="spread the pairs' timesteps over [LO, HI) instead of all of [0, T), e.g. '300,1000'")
+    p.add_argument("--eliminate", type=float, default=None, metavar="T",
+                   help="with --schedule: also drop, after each round, classes whose paired t statistic against "
+                   "the leader exceeds T (e.g. 3)")
     return p
 
 
@@ -82,7 +85,8 @@ def _load_image(path: str, size: int):  # -> Tensor (1, 3, size, size)
 def classify_image(image: str, classes: list[str], templates: list[str] | None = None, model: str = "digits",
                    samples: int = 50, schedule: list[tuple[int, int]] | None = None, loss: str = "l2",
                    size: int | None = None, batch_size: int = 32, seed: int = 0,
-                   timestep_range: tuple[int, int] | None = None, out: TextIO | None = None) -> int:
+                   timestep_range: tuple[int, int] | None = None, eliminate: float | None = None,
+                   out: TextIO | None = None) -> int:
     """Classify one image file and print the ranked table; returns the index of the best class."""
     import torch
 
@@ -99,7 +103,7 @@ def classify_image(image: str, classes: list[str], templates: list[str] | None =
         raise ValueError(f"--size {size} is not a multiple of {backbone.size_multiple} for model {model}")
     clf = DiffusionClassifier.from_classes(
         backbone, classes, templates or ["a photo of a {}."], schedule=schedule or [(samples, 1)], loss=loss,
-        batch_size=batch_size, seed=seed, timestep_range=timestep_range, progress=True)
+        batch_size=batch_size, seed=seed, timestep_range=timestep_range, eliminate=eliminate, progress=True)
     with torch.no_grad():
         res = clf.classify(_load_image(image, size).to(backbone.device))
     width = max(5, *(len(c) for c in classes))
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         schedule = parse_schedule(args.schedule) if args.schedule else None
         classify_image(args.image, classes, args.template, model=args.model, samples=args.samples, schedule=schedule,
                        loss=args.loss, size=args.size, batch_size=args.batch_size, seed=args.seed,
-                       timestep_range=parse_range(args.timestep_range))
+                       timestep_range=parse_range(args.timestep_range), eliminate=args.eliminate)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"diffperc classify: error: {err}", file=sys.stderr)
         return 1
