@@ -434,7 +434,7 @@ def _test_cli(root: Path, yaml: str, *overrides: str):
     from diffperc.cli import cli_main
 
     return cli_main(["test", "--config", str(ROOT / "configs" / "classification" / yaml), "--model.backbone=test_sd",
-                     "--model.schedule=[[4, 2], [8, 1]]", "--trainer.accelerator=cpu", "--trainer.logger=false",
+                     "--model.schedule=[[4, 2], [8, 1]]", "--trainer.accelerator=cpu",  # default logger: hparams merge
                      "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *overrides])
 
 

@@ -44,7 +44,8 @@ class ClassificationTask(PerceptionTask):
         weighting: timesteps (S,) -> weights (S,); None is uniform.
         timestep_range: ``[lo, hi]``: pairs' timesteps evenly spaced over [lo, hi); None is [0, T).
         eliminate: successive-elimination t threshold on top of the rounds' keep caps; None is off.
-        batch_size: latents per UNet call.
+        unet_batch_size: latents per UNet call (not ``batch_size``, which is the DataModule's: Lightning
+            refuses a hyperparameter that the task and the data both have with different values).
         seed: seed of the shared (t, eps) pairs.
         optimizer, backbone_lr_mult: unused (kept for the shared base and YAML compatibility).
     """
@@ -54,15 +55,16 @@ class ClassificationTask(PerceptionTask):
         classes: list[str] | None = None, templates: str | list[str] = "a photo of a {}.",
         schedule: Sequence[Sequence[int]] = PAPER_SCHEDULE, loss: str = "l2", prompt_ensemble: str = "errors",
         weighting: Callable[[Tensor], Tensor] | None = None, timestep_range: Sequence[int] | None = None,
-        eliminate: float | None = None, batch_size: int = 32, seed: int = 0, optimizer: OptimizerCallable = torch.optim.AdamW,
-        backbone_lr_mult: float = 0.1,
+        eliminate: float | None = None, unet_batch_size: int = 32, seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW, backbone_lr_mult: float = 0.1,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult)
         self.classes = None if classes is None else list(classes)
         if self.classes is not None:
             class_prompts(self.classes, templates)  # fail at construction on a bad class list or template
         self.templates, self.schedule, self.loss = templates, [tuple(r) for r in schedule], loss
-        self.prompt_ensemble, self.weighting, self.batch_size, self.seed = prompt_ensemble, weighting, batch_size, seed
+        self.prompt_ensemble, self.weighting, self.unet_batch_size = prompt_ensemble, weighting, unet_batch_size
+        self.seed = seed
         self.timestep_range = None if timestep_range is None else tuple(timestep_range)
         self.eliminate = eliminate
         self.classifier: DiffusionClassifier | None = None
@@ -74,7 +76,7 @@ class ClassificationTask(PerceptionTask):
         self.classifier = DiffusionClassifier.from_classes(
             self.backbone, self.classes, self.templates, schedule=self.schedule, loss=self.loss,
             prompt_ensemble=self.prompt_ensemble, weighting=self.weighting, timestep_range=self.timestep_range,
-            eliminate=self.eliminate, batch_size=self.batch_size, seed=self.seed)
+            eliminate=self.eliminate, batch_size=self.unet_batch_size, seed=self.seed)
         k = len(self.classes)
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric
