@@ -75,6 +75,53 @@ def test_vpd_no_noise_uses_clean_latents() -> None:
         torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)
 
 
+def test_unscaled_latents_as_vpd() -> None:
+    """scale_latents=False feeds the UNet the posterior mode itself (VPD: encode(x).mode(), no factor)."""
+    parts = tiny_sd_components(seed=4)
+    parts["vae"].register_to_config(scaling_factor=0.3)
+    bb = DiffusionBackbone(**parts, layers="vpd", timestep=1, add_noise=False, scale_latents=False)
+    images = _images()
+    with torch.no_grad():
+        x0 = parts["vae"].encode(images * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(bb.encode_images(images), x0)
+    got = {}
+    hooks = [parts["unet"].get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: got.__setitem__(n, o[0] if isinstance(o, tuple) else o)) for n in bb.layers]
+    with torch.no_grad():
+        emb = parts["text_encoder"](parts["tokenizer"](["", ""], padding="max_length", return_tensors="pt").input_ids)[0]
+        parts["unet"](x0, torch.full((2,), 1), encoder_hidden_states=emb)
+    for h in hooks:
+        h.remove()
+    for f, n in zip(bb(images).features, bb.layers, strict=True):
+        torch.testing.assert_close(f, got[n], rtol=1e-4, atol=1e-5)
+    scaled = _by_hand(parts, images, ["", ""], bb.layers, 1, None)
+    assert not torch.allclose(scaled[0], got[bb.layers[0]], rtol=1e-3)
+
+
+def test_sampled_latents_one_posterior_sample_per_copy() -> None:
+    """latent_sample='sample' with an ensemble: the image is repeated E times, then sampled (DIFT)."""
+    parts = tiny_sd_components(seed=6)
+    e, t = 4, 261
+    bb = DiffusionBackbone(**parts, layers=["up_blocks.1"], timestep=t, ensemble_size=e, latent_sample="sample")
+    image = _images(1)
+    out = bb(image, prompts="a cat", generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        dist = parts["vae"].encode(image.repeat(e, 1, 1, 1) * 2 - 1).latent_dist
+        x0 = dist.sample(g) * parts["vae"].config.scaling_factor
+        assert not torch.allclose(x0[0], x0[1])  # independent samples, not one sample repeated
+        noise = torch.randn(x0.shape, generator=g)
+    a = parts["scheduler"].alphas_cumprod[t]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    got = {}
+    h = parts["unet"].get_submodule("up_blocks.1").register_forward_hook(lambda m, i, o: got.__setitem__("f", o))
+    with torch.no_grad():
+        emb = parts["text_encoder"](parts["tokenizer"](["a cat"] * e, padding="max_length", return_tensors="pt").input_ids)[0]
+        parts["unet"](xt, torch.full((e,), t), encoder_hidden_states=emb)
+    h.remove()
+    torch.testing.assert_close(out.features[0], got["f"].mean(0, keepdim=True), rtol=1e-4, atol=1e-5)
+
+
 def test_early_stop_same_features_and_skips_rest() -> None:
     parts = tiny_sd_components(seed=5)
     bb = DiffusionBackbone(**parts, layers=["up_blocks.1"], timestep=100)

@@ -52,7 +52,7 @@ def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
 
 
 def check_latents(latents: Tensor, channels: int, multiple: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Validate (B, C, h, w) latents (VAE output x scaling_factor)."""
+    """Validate (B, C, h, w) latents (as ``encode_images`` returns them)."""
     if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
         shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
         raise ValueError(f"latents must have shape (B, {channels}, h, w), got {shape}")

@@ -99,7 +99,11 @@ class DiffusionBackbone(nn.Module):
         ensemble_chunk: at most this many copies per UNet call (None: all E at once).
         attention: capture cross-attention maps.
         attention_resolutions: reductions (image size / map size) to keep; None keeps all.
-        latent_sample: ``"mean"`` of the VAE posterior (default) or a ``"sample"`` of it.
+        latent_sample: ``"mean"`` of the VAE posterior (default) or a ``"sample"`` of it; with
+            an ensemble, one sample per copy (DIFT repeats the image E times, then samples).
+        scale_latents: multiply the VAE latents by ``vae.config.scaling_factor`` before the
+            UNet (as the diffusion model was trained, and as DIFT does). VPD feeds the UNet the
+            unscaled posterior mode, so its recipes set this to False.
         trainable: fine-tune the UNet (VPD); the VAE and text encoder stay frozen.
         gradient_checkpointing: checkpoint UNet blocks when trainable.
         pad: zero-pad images whose size is not a multiple of ``size_multiple`` (bottom/right)
@@ -112,7 +116,7 @@ class DiffusionBackbone(nn.Module):
         layers: str | Sequence[str] = "dift", timestep: int = 261, add_noise: bool = True,
         ensemble_size: int = 1, ensemble_chunk: int | None = None, attention: bool = False,
         attention_resolutions: Sequence[int] | None = None, latent_sample: str = "mean",
-        trainable: bool = False, gradient_checkpointing: bool = False, pad: bool = False,
+        scale_latents: bool = True, trainable: bool = False, gradient_checkpointing: bool = False, pad: bool = False,
         name_or_path: str | None = None,
     ) -> None:
         super().__init__()
@@ -129,6 +133,7 @@ class DiffusionBackbone(nn.Module):
             raise ValueError(f"latent_sample must be 'mean' or 'sample', got {latent_sample!r}")
         self.layers = resolve_layers(unet, layers)
         self.timestep, self.add_noise, self.latent_sample = int(timestep), add_noise, latent_sample
+        self.scale_latents = bool(scale_latents)
         self.ensemble_size, self.ensemble_chunk = ensemble_size, ensemble_chunk
         self.attention = attention
         self.attention_resolutions = None if attention_resolutions is None else sorted(set(attention_resolutions))
@@ -140,7 +145,7 @@ class DiffusionBackbone(nn.Module):
             "name_or_path": name_or_path, "layers": self.layers, "timestep": self.timestep,
             "add_noise": add_noise, "ensemble_size": ensemble_size, "ensemble_chunk": ensemble_chunk,
             "attention": attention, "attention_resolutions": self.attention_resolutions,
-            "latent_sample": latent_sample, "trainable": trainable,
+            "latent_sample": latent_sample, "scale_latents": self.scale_latents, "trainable": trainable,
             "gradient_checkpointing": gradient_checkpointing, "pad": pad,
         }
         self._store = AttentionStore()
@@ -261,13 +266,24 @@ class DiffusionBackbone(nn.Module):
         raise ValueError(f"layer output of shape {tuple(x.shape)} is not a feature map (B, C, h, w) or tokens (B, N, C)")
 
     # ------------------------------------------------------------------ steps
-    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> latents (B, C, H/f, W/f): VAE posterior mean (or sample) x scaling_factor."""
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None, copies: int = 1) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> latents (B * copies, C, H/f, W/f), image-major.
+
+        The VAE posterior mean (``latent_sample="mean"``, repeated ``copies`` times) or one
+        posterior sample per copy (``"sample"``: mean + std * N(0, 1), the noise drawn from
+        ``generator`` as diffusers' ``DiagonalGaussianDistribution.sample`` draws it), times
+        ``vae.config.scaling_factor`` when ``scale_latents`` (default).
+        """
         images = check_images(images, self.size_multiple, pad=False, dtype=self.vae.dtype)
         with torch.no_grad():
             dist = self.vae.encode(images * 2 - 1).latent_dist
-            latents = dist.mean if self.latent_sample == "mean" else dist.sample(generator)
-        return latents * self.vae.config.scaling_factor
+            latents = dist.mean.repeat_interleave(copies, dim=0)
+            if self.latent_sample == "sample":
+                from diffusers.utils.torch_utils import randn_tensor
+
+                eps = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                latents = latents + dist.std.repeat_interleave(copies, dim=0) * eps
+        return latents * self.vae.config.scaling_factor if self.scale_latents else latents
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> text encoder last hidden states (B, L, D), cached by prompt string."""
@@ -296,19 +312,17 @@ class DiffusionBackbone(nn.Module):
         te = self.text_encoder
         return te(ids.to(te.device)).last_hidden_state.detach()
 
-    def _noisy_latents(self, latents: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """(B, C, h, w) -> (B*E, C, h, w) image-major copies, noised to t unless add_noise is False."""
-        e = self.ensemble_size
-        rep = latents.repeat_interleave(e, dim=0)
+    def _noisy_latents(self, copies: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """(B*E, C, h, w) image-major clean copies -> noised to t, unless add_noise is False."""
         if not self.add_noise:
-            return rep
+            return copies
         if noise is None:
-            noise = torch.randn(rep.shape, generator=generator, device=rep.device, dtype=rep.dtype)
-        elif noise.shape != rep.shape:
-            raise ValueError(f"noise must have shape (B*E, C, h, w) = {tuple(rep.shape)}, image-major; "
+            noise = torch.randn(copies.shape, generator=generator, device=copies.device, dtype=copies.dtype)
+        elif noise.shape != copies.shape:
+            raise ValueError(f"noise must have shape (B*E, C, h, w) = {tuple(copies.shape)}, image-major; "
                              f"got {tuple(noise.shape)}")
-        t = torch.full((rep.shape[0],), self.timestep, device=rep.device, dtype=torch.long)
-        return self.scheduler.add_noise(rep, noise.to(rep), t)
+        t = torch.full((copies.shape[0],), self.timestep, device=copies.device, dtype=torch.long)
+        return self.scheduler.add_noise(copies, noise.to(copies), t)
 
     def _run_unet(self, x: Tensor, embeds: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
         """One UNet call on (N, C, h, w); returns the tapped features and attention maps."""
@@ -356,9 +370,10 @@ class DiffusionBackbone(nn.Module):
             images: (B, 3, H, W) floats in [0, 1]; H, W multiples of ``size_multiple`` (or ``pad=True``).
             prompts: one string for all images or B strings; default the empty prompt "".
             prompt_embeds: (B, L, D) or (1, L, D) text embeddings instead of prompts (any L).
-            latents: (B, C, h, w) VAE latents (already x scaling_factor) instead of images.
+            latents: (B, C, h, w) VAE latents instead of images, as :meth:`encode_images` returns
+                them (x scaling_factor unless ``scale_latents=False``).
             noise: (B*E, C, h, w) noise, image-major (E copies of image 0 first); default random.
-            generator: seeds the noise (and the VAE sample when ``latent_sample="sample"``).
+            generator: seeds the VAE samples (``latent_sample="sample"``, drawn first) and the noise.
 
         Returns:
             BackboneOutput: ``features`` one (B, C_i, H/r_i, W/r_i) per ``feature_info`` entry,
@@ -372,13 +387,14 @@ class DiffusionBackbone(nn.Module):
             images = check_images(images, self.size_multiple, pad=self.pad, dtype=self.vae.dtype)
             if self.pad:
                 images = pad_to_multiple(images, self.size_multiple)
-            latents = self.encode_images(images, generator)
+            copies = self.encode_images(images, generator, copies=self.ensemble_size)
         else:
             latents = check_latents(latents, self.unet.config.in_channels, self.unet_factor, dtype=self.dtype)
-        batch = latents.shape[0]
+            copies = latents.repeat_interleave(self.ensemble_size, dim=0)
+        batch = copies.shape[0] // self.ensemble_size
         embeds = self._embeds(batch, prompts, prompt_embeds)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats, maps = self._ensemble(latents, embeds, noise, generator)
+            feats, maps = self._ensemble(copies, embeds, noise, generator)
         if size is not None and self.pad:
             feats = [f[..., : -(-size[0] // r), : -(-size[1] // r)] for f, r in zip(feats, self._reductions(), strict=True)]
             maps = {r: m[..., : -(-size[0] // r), : -(-size[1] // r)] for r, m in maps.items()}
@@ -394,18 +410,19 @@ class DiffusionBackbone(nn.Module):
             return check_prompt_embeds(prompt_embeds, batch, self.unet.config.cross_attention_dim).to(self.device, self.dtype)
         return self.encode_prompt(check_prompts(prompts, batch))
 
-    def _ensemble(self, latents: Tensor, embeds: Tensor, noise: Tensor | None,
+    def _ensemble(self, copies: Tensor, embeds: Tensor, noise: Tensor | None,
                   generator: torch.Generator | None) -> tuple[list[Tensor], dict[int, Tensor]]:
-        """Run the E copies (chunked) and average features and maps over them."""
-        b, e = latents.shape[0], self.ensemble_size
-        x = self._noisy_latents(latents, noise, generator).view(b, e, *latents.shape[1:])
+        """Run the (B*E, C, h, w) copies (chunked) and average features and maps over the E copies."""
+        e = self.ensemble_size
+        b, latent_shape = copies.shape[0] // e, copies.shape[1:]
+        x = self._noisy_latents(copies, noise, generator).view(b, e, *latent_shape)
         cond = embeds.unsqueeze(1).expand(b, e, *embeds.shape[1:])
         chunk = self.ensemble_chunk or e
         feat_sums: list[Tensor] | None = None
         map_sums: dict[int, Tensor] = {}
         for start in range(0, e, chunk):
             n = min(chunk, e - start)
-            xs = x[:, start : start + n].reshape(b * n, *latents.shape[1:])
+            xs = x[:, start : start + n].reshape(b * n, *latent_shape)
             cs = cond[:, start : start + n].reshape(b * n, *embeds.shape[1:])
             feats, maps = self._run_unet(xs, cs)
             feats = [f.view(b, n, *f.shape[1:]).sum(1) for f in feats]
