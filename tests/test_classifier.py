@@ -18,7 +18,13 @@ from PIL import Image
 from diffperc.backbones.registry import bundled_model_path, create_backbone
 from diffperc.data.classification import Cifar10DataModule, ImageFolderDataModule, cifar10_classes
 from diffperc.zeroshot import classify_cli
-from diffperc.zeroshot.classifier import DiffusionClassifier, class_prompts, evenly_spaced
+from diffperc.zeroshot.classifier import (
+    DEFAULT_TEMPLATE,
+    DiffusionClassifier,
+    class_prompts,
+    default_template,
+    evenly_spaced,
+)
 from diffperc.zeroshot.matching import match_images, match_texts, winoground_scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +68,9 @@ def _hand_scores(bb, images, prompts, timesteps, noise, loss="l2"):
                     if bb.scheduler.config.prediction_type == "v_prediction":
                         pred = a.sqrt() * pred + (1 - a).sqrt() * x_t
                     diff = eps - pred
+                    if loss == "l2_norm":  # DiffusionITM's unit: the Euclidean norm of the residual
+                        out[b, k] += (diff**2).sum().sqrt() / len(timesteps)
+                        continue
                     err = {"l2": diff**2, "l1": diff.abs(),
                            "huber": torch.where(diff.abs() < 1, 0.5 * diff**2, diff.abs() - 0.5)}[loss]
                     out[b, k] += err.mean() / len(timesteps)
@@ -69,7 +78,7 @@ def _hand_scores(bb, images, prompts, timesteps, noise, loss="l2"):
 
 
 @pytest.mark.parametrize(("name", "loss"), [("test_sd", "l2"), ("test_sd", "l1"), ("test_sd", "huber"),
-                                            ("test_sd2", "l2")])
+                                            ("test_sd", "l2_norm"), ("test_sd2", "l2")])
 def test_score_matches_hand_computation(name, loss):
     """Shared noise, x_t = add_noise(x0, eps, t), mean loss over latent elements, mean over pairs;
     test_sd2 is v-prediction: eps_hat = sqrt(a) v + sqrt(1 - a) x_t."""
@@ -480,6 +489,48 @@ def test_classify_cli(tmp_path, capsys):
         assert match in capsys.readouterr().err
     assert classify_cli.run(parser.parse_args(["classify", str(tmp_path / "no.png"), "--classes", "a,b",
                                                "--model", "test_sd"])) == 1
+
+
+def test_default_template_comes_from_the_model(sd, tmp_path):
+    """A model folder's prompt_template.txt, else the bundled model's caption, else 'a photo of a {}.'."""
+    assert default_template(sd) == DEFAULT_TEMPLATE == "a photo of a {}."
+    assert DiffusionClassifier.from_classes(sd, CLASSES).prompts[0] == ["a photo of a cat."]
+    (tmp_path / "prompt_template.txt").write_text("a sketch of the {}\n")
+    assert default_template(SimpleNamespace(config={"name_or_path": str(tmp_path)})) == "a sketch of the {}"
+    (tmp_path / "prompt_template.txt").write_text("no placeholder")
+    with pytest.raises(ValueError, match="prompt_template.txt must hold one prompt template"):
+        default_template(SimpleNamespace(config={"name_or_path": str(tmp_path)}))
+    from diffperc.tasks.classification import ClassificationTask
+
+    assert ClassificationTask(backbone="test_sd", classes=["cat", "dog"]).classifier.prompts[1] == ["a photo of a dog."]
+
+
+@needs_digits
+def test_digits_default_template_is_its_training_caption(tmp_path, capsys, monkeypatch):
+    """Library, task and `diffperc classify` on the bundled model prompt with its caption 'a photo of the digit {}'
+    (not 'a photo of a {}.', which it never saw)."""
+    bb = create_backbone("digits")
+    assert default_template(bb) == "a photo of the digit {}"
+    assert DiffusionClassifier.from_classes(bb, ["zero", "five"]).prompts == [["a photo of the digit zero"],
+                                                                              ["a photo of the digit five"]]
+    seen = []
+    real = DiffusionClassifier.classify
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.prompts)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionClassifier, "classify", spy)
+    parser = argparse.ArgumentParser()
+    classify_cli.add_parser(parser.add_subparsers(dest="command"))
+    path = tmp_path / "d.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    assert classify_cli.run(parser.parse_args(["classify", str(path), "--classes", "three,eight", "--samples", "2"])) == 0
+    assert seen == [[["a photo of the digit three"], ["a photo of the digit eight"]]]
+    assert classify_cli.run(parser.parse_args(["classify", str(path), "--classes", "three,eight", "--samples", "2",
+                                               "--template", "a {}"])) == 0
+    assert seen[-1] == [["a three"], ["a eight"]]
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------- the bundled model

@@ -78,6 +78,25 @@ def test_projection_files_round_trip(tmp_path: Path, vae: torch.nn.Module) -> No
     assert emb.fingerprint() != OriginEmbedder(vae, image_size=32).fingerprint()
 
 
+def test_latent_sample_draws_posterior_samples(vae: torch.nn.Module) -> None:
+    """'sample' = mean + std * N(0, 1) from the global RNG (ID²'s README); recorded in config and fingerprint."""
+    images = torch.rand(2, 3, 32, 32)
+    mean_emb, sample_emb = OriginEmbedder(vae, image_size=32), OriginEmbedder(vae, image_size=32, latent_sample="sample")
+    with torch.no_grad():
+        dist = vae.encode(images * 2 - 1).latent_dist
+    torch.manual_seed(0)
+    eps = torch.randn(dist.mean.shape)
+    torch.manual_seed(0)
+    torch.testing.assert_close(sample_emb.vae_features(images), (dist.mean + dist.std * eps).flatten(1),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sample_emb.vae_features(images), sample_emb.vae_features(images))  # fresh draws
+    assert torch.equal(mean_emb.vae_features(images), mean_emb.vae_features(images))
+    assert sample_emb.config["latent_sample"] == "sample" and mean_emb.config["latent_sample"] == "mean"
+    assert sample_emb.fingerprint() != mean_emb.fingerprint()
+    with pytest.raises(ValueError, match="latent_sample must be one of"):
+        OriginEmbedder(vae, image_size=32, latent_sample="mode")
+
+
 def test_read_image_rejects_bad_bytes(tmp_path: Path) -> None:
     good = png_bytes(0)
     assert read_image(good).size == (40, 40)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffperc.data.origin import IdentitySampler, OriginPairsDataModule, list_origins, read_pairs
 from diffperc.retrieval.embedder import OriginEmbedder, load_projection
-from diffperc.retrieval.metrics import retrieval_metrics
+from diffperc.retrieval.metrics import average_precision, retrieval_metrics
 from diffperc.tasks.origin import CosFace, OriginIDTask, id2_lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,30 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["acc1"] == pytest.approx(2 / 3) and m["mAP"] == pytest.approx((1 + 0.5 + 1) / 3) and m["queries"] == 3
     loo = retrieval_metrics(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), torch.tensor([0, 0, 1, 1]))
     assert loo["acc1"] == 1.0 and loo["mAP"] == 1.0
+
+
+def test_average_precision_under_exact_ties_is_sklearns() -> None:
+    """Tie-heavy rankings (scores from 4 levels): each row's AP equals sklearn's average_precision_score, and
+    mAP does not depend on the gallery order (the released ID² evaluator calls sklearn per query)."""
+    from sklearn.metrics import average_precision_score
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (40, 25), generator=g).float() / 3
+    positives = torch.rand(40, 25, generator=g) < 0.3
+    positives[0] = False  # a row without positives: NaN, skipped by retrieval_metrics
+    ap, acc1 = average_precision(scores, positives)
+    assert math.isnan(ap[0])
+    for i in range(1, 40):
+        assert ap[i].item() == pytest.approx(average_precision_score(positives[i].numpy(), scores[i].numpy()),
+                                             abs=1e-6)
+        top = scores[i] == scores[i].max()  # expected top-1 under a random order of the tie at the top
+        assert acc1[i].item() == pytest.approx(positives[i][top].float().mean().item())
+    # one query, a 3-way tie at the top holding its only positive: AP = 1/3 whatever the order, Acc@1 = 1/3
+    for order in ([0, 1, 2, 3], [2, 3, 1, 0], [3, 0, 2, 1]):
+        emb = torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [0, 1.0]])[order]
+        labels = torch.tensor([7, 1, 2, 3])[order]
+        m = retrieval_metrics(torch.tensor([[1.0, 0]]), torch.tensor([7]), emb, labels)
+        assert m["mAP"] == pytest.approx(1 / 3) and m["acc1"] == pytest.approx(1 / 3)
 
 
 def _fake_pairs(root: Path, n_origins: int, per_origin: int, seed: int) -> tuple[Path, Path]:

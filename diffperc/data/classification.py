@@ -12,8 +12,10 @@
 Every module exposes ``classes`` (names in label order), which
 :class:`~diffperc.tasks.classification.ClassificationTask` turns into prompts. Batches are
 ``{"image": (B, 3, S, S) float in [0, 1], "label": (B,) int64}``; images are resized as the
-Diffusion Classifier does (Li et al., ICCV 2023, arXiv 2303.16203): shorter side to S with
-bicubic interpolation, then a centre crop.
+Diffusion Classifier's ``get_transform`` does (Li et al., ICCV 2023, arXiv 2303.16203;
+diffusion-classifier eval_prob_adaptive.py:28-36): torchvision ``Resize(S, BICUBIC)`` on the
+PIL image (PIL's bicubic on 8-bit pixels, so CIFAR-10's 32 px images are upsampled to 512 as
+the paper's), ``CenterCrop(S)``, RGB, ``ToTensor`` (:func:`pil_resize_center_crop`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,29 @@ from .._io import IMAGE_SUFFIXES
 
 __all__ = ["CIFAR10_FOLDER", "Cifar10DataModule", "Cifar10Dataset", "IMAGE_SUFFIXES", "ImageFolderDataModule",
            "cifar10_classes", "cifar10_folder",
-           "ImageFolderDataset", "resize_center_crop"]
+           "ImageFolderDataset", "pil_resize_center_crop", "resize_center_crop"]
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def pil_resize_center_crop(image: Image.Image, size: int,
+                           interpolation: Image.Resampling = Image.Resampling.BICUBIC) -> Tensor:
+    """A PIL image -> (3, size, size) float32 in [0, 1], as torchvision's ``Resize(size)``, ``CenterCrop(size)``,
+    RGB conversion and ``ToTensor`` do it (the Diffusion Classifier's ``get_transform``).
+
+    The shorter side becomes ``size`` and the longer ``int(size * long / short)`` (torchvision
+    truncates), resampled by PIL in the image's own mode and 8-bit precision; the crop starts at
+    ``round((H - size) / 2)`` (Python's rounding, as torchvision); the RGB conversion comes after.
+    """
+    w, h = image.size
+    new_short, new_long = size, int(size * max(w, h) / min(w, h))
+    nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), interpolation)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
 
 
 def resize_center_crop(image: Tensor, size: int) -> Tensor:
@@ -87,11 +108,10 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                image = pil_resize_center_crop(img, self.image_size)
         except OSError as err:
             raise OSError(f"cannot read image {path}: {err}") from err
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
-        return {"image": resize_center_crop(image, self.image_size), "label": torch.tensor(label)}
+        return {"image": image, "label": torch.tensor(label)}
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -99,7 +119,8 @@ class ImageFolderDataModule(LightningDataModule):
 
     Args:
         root: ``root/<class>/<image>`` folders.
-        image_size: side S of the images (512 for SD 1.5/2 base; shorter side resized, centre crop).
+        image_size: side S of the images (512 for SD 1.5/2 base; shorter side resized with PIL bicubic,
+            centre crop).
         classes: class names in the sorted folder order; default the folder names with "_" -> " ".
         batch_size: images per batch.
         num_workers: DataLoader workers.
@@ -174,7 +195,7 @@ class Cifar10Dataset(Dataset):
     Args:
         root: ``cifar-10-batches-py`` or the folder that contains it.
         split: ``"test"`` (``test_batch``, 10,000 images) or ``"train"`` (``data_batch_1..5``).
-        image_size: side S (32 native; 512 for SD 2 base as the paper, bicubic upsampling).
+        image_size: side S (32 native; 512 for SD 2 base as the paper: PIL bicubic upsampling).
         limit: keep only the first ``limit`` images.
     """
 
@@ -201,8 +222,8 @@ class Cifar10Dataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image = torch.from_numpy(self.data[index].astype(np.float32) / 255)
-        return {"image": resize_center_crop(image, self.image_size), "label": self.labels[index]}
+        image = Image.fromarray(self.data[index].transpose(1, 2, 0))  # (32, 32, 3) uint8, as torchvision's CIFAR10
+        return {"image": pil_resize_center_crop(image, self.image_size), "label": self.labels[index]}
 
 
 class Cifar10DataModule(LightningDataModule):

@@ -6,10 +6,12 @@ resized to 256x256, scaled to [-1, 1] and encoded by the SD 2 VAE; its latent (4
 flattened to 4096-d is mapped by a bias-free linear layer W (4096 -> 512) and compared by
 cosine similarity. Without W (``projection=None``) the embedding is the raw-VAE baseline.
 
-Differences from the reference code, each harmless for cosine retrieval: the posterior
-**mean** is used (the repo samples it), so an image always gets the same embedding; the
-latent is not multiplied by ``scaling_factor`` (W is linear and bias-free, and embeddings are
-L2-normalised, so a global scale changes nothing), which keeps the released W usable as is.
+The README embeds ``vae.encode(x).latent_dist.sample()``: ``latent_sample="sample"`` does the
+same (a fresh posterior draw from torch's global RNG each call, so an image's embedding varies
+from call to call); the default ``"mean"`` is the posterior mean, so an index and its queries
+are deterministic. As the README, the latent is not multiplied by ``scaling_factor`` (W is
+linear and bias-free and embeddings are L2-normalised, so a global scale would change nothing),
+which keeps the released W usable as is. Step-by-step comparison: docs/fidelity/id2.md.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "OriginEmbedder", "load_pro
            "read_image", "save_projection", "to_tensor"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000x8000: far above any photo, far below a decompression bomb
+LATENT_SAMPLES = ("mean", "sample")
 _TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")
 
 
@@ -161,7 +164,7 @@ def save_projection(weight: Tensor, path: str | os.PathLike, metadata: dict[str,
 
 # ---------------------------------------------------------------------------- embedder
 class OriginEmbedder(nn.Module):
-    """L2-normalised ID² embeddings: VAE posterior mean, flattened, optionally times W.
+    """L2-normalised ID² embeddings: VAE posterior latent, flattened, optionally times W.
 
     Args:
         vae: a diffusers ``AutoencoderKL`` (frozen, eval).
@@ -170,11 +173,16 @@ class OriginEmbedder(nn.Module):
         image_size: side the images are resized to (ID²: 256); None takes
             ``min(256, vae.config.sample_size)``.
         model: name or path the VAE came from, recorded in :attr:`config`.
+        latent_sample: ``"mean"`` (default, deterministic) or ``"sample"`` (one posterior draw per
+            call from torch's global RNG, ``latent_dist.sample()`` as ID²'s README).
     """
 
     def __init__(self, vae: nn.Module, projection: Tensor | None = None, image_size: int | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, latent_sample: str = "mean") -> None:
         super().__init__()
+        if latent_sample not in LATENT_SAMPLES:
+            raise ValueError(f"latent_sample must be one of {LATENT_SAMPLES}, got {latent_sample!r}")
+        self.latent_sample = latent_sample
         self.vae = vae.requires_grad_(False).eval()
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         sample = vae.config.sample_size
@@ -202,10 +210,11 @@ class OriginEmbedder(nn.Module):
 
     @classmethod
     def from_model(cls, model: str = "digits", projection: str | os.PathLike | Tensor | None = None,
-                   image_size: int | None = None, device: str | torch.device | None = None) -> OriginEmbedder:
+                   image_size: int | None = None, device: str | torch.device | None = None,
+                   latent_sample: str = "mean") -> OriginEmbedder:
         """Load the VAE of ``model`` (see :func:`load_vae`) and a projection file or tensor (optional)."""
         weight = load_projection(projection) if isinstance(projection, (str, os.PathLike)) else projection
-        emb = cls(load_vae(model), weight, image_size=image_size, model=model)
+        emb = cls(load_vae(model), weight, image_size=image_size, model=model, latent_sample=latent_sample)
         return emb.to(device) if device is not None else emb
 
     @property
@@ -231,11 +240,13 @@ class OriginEmbedder(nn.Module):
 
     @torch.no_grad()
     def vae_features(self, images: Tensor, batch_size: int = 32) -> Tensor:
-        """Flattened VAE posterior means (B, F) float32, F = C x (S/f)^2; the features ID² trains W on."""
+        """Flattened VAE posterior latents (B, F) float32 (means, or draws with ``latent_sample="sample"``),
+        F = C x (S/f)^2; the features ID² trains W on."""
         out = []
         for start in range(0, len(images), batch_size):
-            x = self.preprocess(images[start : start + batch_size])
-            out.append(self.vae.encode(x).latent_dist.mean.flatten(1).float())
+            dist = self.vae.encode(self.preprocess(images[start : start + batch_size])).latent_dist
+            latent = dist.sample() if self.latent_sample == "sample" else dist.mean
+            out.append(latent.flatten(1).float())
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim, device=self.device)
 
     def project(self, features: Tensor) -> Tensor:
@@ -256,9 +267,12 @@ class OriginEmbedder(nn.Module):
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """sha256 of the VAE encoder weights, the image size and W: equal fingerprints embed identically."""
+        """sha256 of the VAE encoder weights, the image size, W (and ``latent_sample`` if not the mean): equal
+        fingerprints embed identically (in distribution, for ``"sample"``)."""
         if self._fingerprint is None:
             h = hashlib.sha256(f"{self.image_size}".encode())
+            if self.latent_sample != "mean":  # the mean's fingerprint stays what indexes built before recorded
+                h.update(self.latent_sample.encode())
             for name, t in sorted(self.vae.state_dict().items()):
                 if name.startswith(("encoder.", "quant_conv.")):
                     h.update(name.encode())
@@ -273,7 +287,7 @@ class OriginEmbedder(nn.Module):
         """What :meth:`from_config` needs to rebuild this embedder, plus its fingerprint."""
         return {"model": self.model, "image_size": self.image_size, "dim": self.dim,
                 "feature_dim": self.feature_dim, "projection": self.projection is not None,
-                "fingerprint": self.fingerprint()}
+                "latent_sample": self.latent_sample, "fingerprint": self.fingerprint()}
 
     def save_config(self, folder: str | os.PathLike) -> None:
         """Write ``embedder.json`` (and ``projection.safetensors`` if any) into ``folder``, atomically."""
@@ -292,7 +306,8 @@ class OriginEmbedder(nn.Module):
                                     "`diffperc index build`")
         cfg = json.loads(cfg_path.read_text())
         proj = folder / "projection.safetensors" if cfg.get("projection") else None
-        emb = cls.from_model(cfg["model"], proj, image_size=cfg["image_size"], device=device)
+        emb = cls.from_model(cfg["model"], proj, image_size=cfg["image_size"], device=device,
+                             latent_sample=cfg.get("latent_sample", "mean"))
         if emb.fingerprint() != cfg["fingerprint"]:
             raise ValueError(f"the model {cfg['model']!r} now has different VAE weights than when the index in "
                              f"{folder} was built (fingerprint {emb.fingerprint()[:12]} != {cfg['fingerprint'][:12]}): "

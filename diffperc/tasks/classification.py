@@ -19,7 +19,13 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..zeroshot.classifier import PAPER_SCHEDULE, ClassifierOutput, DiffusionClassifier, class_prompts
+from ..zeroshot.classifier import (
+    PAPER_SCHEDULE,
+    ClassifierOutput,
+    DiffusionClassifier,
+    class_prompts,
+    default_template,
+)
 from ._base import PerceptionTask
 
 __all__ = ["ClassificationTask"]
@@ -36,7 +42,9 @@ class ClassificationTask(PerceptionTask):
     Args:
         backbone, backbone_kwargs: see :class:`~diffperc.tasks._base.PerceptionTask`.
         classes: class names in label order; default the DataModule's ``classes``.
-        templates: prompt template(s) with ``{}`` for the class name; several are ensembled.
+        templates: prompt template(s) with ``{}`` for the class name; several are ensembled. None
+            (default): the backbone's training caption (:func:`~diffperc.zeroshot.classifier.default_template`:
+            "a photo of the digit {}" for the bundled digits model, "a photo of a {}." otherwise).
         schedule: adaptive rounds ``[[n_samples, keep], ...]`` (see
             :class:`~diffperc.zeroshot.classifier.DiffusionClassifier`); ``[[S, 1]]`` is naive.
         loss: ``"l2"``, ``"l1"`` or ``"huber"``.
@@ -52,7 +60,7 @@ class ClassificationTask(PerceptionTask):
 
     def __init__(
         self, backbone: str = "digits", backbone_kwargs: dict[str, Any] | None = None,
-        classes: list[str] | None = None, templates: str | list[str] = "a photo of a {}.",
+        classes: list[str] | None = None, templates: str | list[str] | None = None,
         schedule: Sequence[Sequence[int]] = PAPER_SCHEDULE, loss: str = "l2", prompt_ensemble: str = "errors",
         weighting: Callable[[Tensor], Tensor] | None = None, timestep_range: Sequence[int] | None = None,
         eliminate: float | None = None, unet_batch_size: int = 32, seed: int = 0,
@@ -60,6 +68,7 @@ class ClassificationTask(PerceptionTask):
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult)
         self.classes = None if classes is None else list(classes)
+        templates = default_template(self.backbone) if templates is None else templates
         if self.classes is not None:
             class_prompts(self.classes, templates)  # fail at construction on a bad class list or template
         self.templates, self.schedule, self.loss = templates, [tuple(r) for r in schedule], loss

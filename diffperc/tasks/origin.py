@@ -4,14 +4,17 @@ Wang et al., "Origin Identification for Text-Guided Image-to-Image Diffusion Mod
 (arXiv 2501.02376; github.com/WangWenhao0716/ID2, CC-BY-NC-4.0). Each origin image is one
 class; its text-guided image-to-image translations are that class's samples. The frozen VAE
 encodes an image (256 px for SD 2 -> 4x32x32 -> 4096-d), a bias-free linear layer W maps it to
-512-d, then BatchNorm and a CosFace classifier (s=64, m=0.35) give the cross-entropy loss.
-Adam at 3.5e-4 with a warm-up (0.01 -> 1 over 5 epochs), constant to epoch 10, then cosine to
-the last epoch; an EMA of the weights (0.9999, torch_ema's warm-up) is what gets evaluated and
+512-d and a CosFace classifier (s=64, m=0.35) gives the cross-entropy loss; the released code
+has no normalisation between them (``nn.Identity`` in vit_vae.py; ``batch_norm=True`` adds a
+BatchNorm1d as an option). Adam at 3.5e-4, its learning rate set once per epoch (LambdaLR
+stepped after each epoch): 0.01 -> 1 linearly over 5 epochs, constant to epoch 10, then cosine
+to epoch 25; an EMA of the weights (0.9999, torch_ema's warm-up) is what gets evaluated and
 exported. Retrieval compares W x vae(image), L2-normalised, by cosine similarity.
+Step-by-step comparison with the released code: docs/fidelity/id2.md.
 
-The released repo code puts ``nn.Identity`` where BatchNorm sits here (``batch_norm=False``
-reproduces that). The VAE is frozen, so its features are cached per image key after the
-first epoch: later epochs never run the VAE.
+The VAE is frozen, so its features are cached per image key after the first epoch: later
+epochs never run the VAE (with ``latent_sample="sample"`` each image keeps the one posterior
+draw it got first, as ID²'s precomputed feature files).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class CosFace(nn.Module):
 
 
 def id2_lr_factor(epoch: float, warmup: float = 5.0, constant: float = 5.0, total: float = 25.0) -> float:
-    """ID²'s learning-rate multiplier at a (fractional) epoch: 0.01 -> 1 linearly, flat, then cosine to 0."""
+    """ID²'s learning-rate multiplier at an epoch: 0.01 -> 1 linearly, flat, then cosine to 0 at ``total``
+    (the released script's ``f(epoch)``, evaluated at whole epochs there)."""
     if epoch < warmup:
         return 0.01 + 0.99 * epoch / warmup
     if epoch < warmup + constant:
@@ -89,10 +93,14 @@ class OriginIDTask(LightningModule):
         num_origins: number of training origins (CosFace classes); None takes
             ``datamodule.num_classes``.
         scale, margin: CosFace s and m.
-        batch_norm: BatchNorm1d between W and CosFace (False: identity, as the released code).
+        batch_norm: BatchNorm1d between W and CosFace; False (default): none, as the released code.
         lr: Adam learning rate (no weight decay, as ID²).
-        warmup_epochs, constant_epochs: the schedule (total = ``trainer.max_epochs``).
+        warmup_epochs, constant_epochs: the schedule, set once per epoch as the released script.
+        schedule_epochs: the epoch where the cosine reaches 0 (the released script hard-codes 25);
+            None: ``trainer.max_epochs``.
         ema_decay: EMA decay of W; the EMA is evaluated and exported.
+        latent_sample: VAE posterior ``"mean"`` (default) or ``"sample"`` (ID²'s README; one draw
+            per image, kept by the feature cache).
         cache_features: keep VAE features per ``key`` in memory (F x 4 bytes per image).
         cache_dir: also save/load the cache there as safetensors (across runs).
         export_path: write the EMA W there (``.safetensors``) at the end of fit, for
@@ -101,15 +109,16 @@ class OriginIDTask(LightningModule):
 
     def __init__(
         self, backbone: str = "sd21", input_size: int | None = 256, features: int = 512,
-        num_origins: int | None = None, scale: float = 64.0, margin: float = 0.35, batch_norm: bool = True,
-        lr: float = 3.5e-4, warmup_epochs: float = 5.0, constant_epochs: float = 5.0, ema_decay: float = 0.9999,
+        num_origins: int | None = None, scale: float = 64.0, margin: float = 0.35, batch_norm: bool = False,
+        lr: float = 3.5e-4, warmup_epochs: float = 5.0, constant_epochs: float = 5.0,
+        schedule_epochs: int | None = None, ema_decay: float = 0.9999, latent_sample: str = "mean",
         cache_features: bool = True, cache_dir: str | None = None, export_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if features < 1 or lr <= 0 or not 0 <= ema_decay < 1:
             raise ValueError(f"need features >= 1, lr > 0 and 0 <= ema_decay < 1; got {features}, {lr}, {ema_decay}")
-        self.embedder = OriginEmbedder.from_model(backbone, image_size=input_size)
+        self.embedder = OriginEmbedder.from_model(backbone, image_size=input_size, latent_sample=latent_sample)
         self.projection = nn.Linear(self.embedder.feature_dim, features, bias=False)  # W
         self.bn = nn.BatchNorm1d(features) if batch_norm else nn.Identity()
         self.classifier: CosFace | None = None
@@ -150,13 +159,14 @@ class OriginIDTask(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(_EMBEDDER)]
         opt = torch.optim.Adam(params, lr=self.hparams.lr)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 25
-        steps_per_epoch = total_steps / epochs
         hp = self.hparams
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: id2_lr_factor(
-            step / steps_per_epoch, hp.warmup_epochs, hp.constant_epochs, epochs))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = hp.schedule_epochs
+        if total is None:
+            total = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 25
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: id2_lr_factor(
+            epoch, hp.warmup_epochs, hp.constant_epochs, total))
+        # stepped after each epoch, as the released script's lr_scheduler.step(): the lr is constant within an epoch
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ features
     def vae_features(self, batch: dict[str, Any]) -> Tensor:
@@ -211,8 +221,8 @@ class OriginIDTask(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA of W with torch_ema's warm-up: decay_n = min(decay, (1 + n) / (10 + n))."""
-        n = int(self.ema_updates)
+        """EMA of W with torch_ema's warm-up: the n-th update (n = 1, 2, ...) uses min(decay, (1 + n) / (10 + n))."""
+        n = int(self.ema_updates) + 1  # torch_ema counts the update before computing its decay
         decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))
         self.ema_projection.mul_(decay).add_(self.projection.weight.detach(), alpha=1 - decay)
         self.ema_updates += 1

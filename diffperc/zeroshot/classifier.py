@@ -3,14 +3,17 @@
 The Diffusion Classifier: Li, Prabhudesai, Duggal, Brown, Pathak, "Your Diffusion Model is
 Secretly a Zero-Shot Classifier", ICCV 2023, arXiv 2303.16203; origin repo
 diffusion-classifier/diffusion-classifier (MIT; ``eval_prob_adaptive.py``,
-``run_winoground.py``). Recipe and numbers: ANCHORS.md sections 3 and A4.
+``run_winoground.py``). Recipe and numbers: ANCHORS.md sections 3 and A4; how each step
+compares with the released code: docs/fidelity/diffusion_classifier.md and
+tests/test_fidelity_diffclf.py.
 
 For an image latent x0 (VAE posterior mean x scaling factor), a class prompt c_k and a pair
 (t, eps), x_t = scheduler.add_noise(x0, eps, t) and the error is the mean over latent elements
 of loss(eps - eps_hat(x_t, t, c_k)); a class's score is the (weighted) mean error over pairs
 (a Monte-Carlo ELBO estimate) and the lowest score wins. The pairs are fixed by a seed and
-**shared by every class and image** (a paired comparison); one UNet batch carries many
-classes for the same x_t.
+**shared by every class and image** (a paired comparison; the released script shares them
+across classes and draws new ones per image unless ``--noise_path`` gives a saved set); one
+UNet batch carries many classes for the same x_t.
 
 Adaptive evaluation (the paper's ``--n_samples 50 500 --to_keep 5 1``): the S pairs are a
 grid of S timesteps evenly spaced over [0, T) (or a narrower ``timestep_range``) with one
@@ -30,6 +33,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,16 +42,49 @@ from torch import Tensor
 
 from ..backbones._checks import check_latents
 
-__all__ = ["ClassifierOutput", "DiffusionClassifier", "class_prompts", "evenly_spaced"]
+__all__ = ["DEFAULT_TEMPLATE", "TEMPLATE_FILE", "ClassifierOutput", "DiffusionClassifier", "class_prompts",
+           "default_template", "evenly_spaced"]
 
-LOSSES = ("l2", "l1", "huber")
+LOSSES = ("l2", "l1", "huber", "l2_norm")
 PROMPT_ENSEMBLES = ("errors", "embeddings")
 PAPER_SCHEDULE = ((50, 5), (500, 1))  # CIFAR-10 in the paper's commands.md
 ELIMINATE_MIN_PAIRS = 8  # a t statistic over fewer shared pairs is too noisy to drop a class on
+DEFAULT_TEMPLATE = "a photo of a {}."  # the paper's ImageNet / STL-10 prompts (prompts/*.csv)
+TEMPLATE_FILE = "prompt_template.txt"  # optional, in a model folder: the caption template it was trained with
+_BUNDLED_TEMPLATE = "a photo of the digit {}"  # the bundled digits model's caption (scripts/train_digits.py)
 
 
 # ---------------------------------------------------------------------------- helpers
-def class_prompts(classes: Sequence[str], templates: str | Sequence[str] = "a photo of a {}.") -> list[list[str]]:
+def default_template(backbone: Any) -> str:
+    """The prompt template to classify with on ``backbone`` when none is given.
+
+    A model is best queried with the captions it was trained on: the bundled digits model
+    never saw "a photo of a five." (with it, "five" ranks first for every held-out digit) but
+    was trained on "a photo of the digit five". The template comes from, in order:
+    ``<model folder>/prompt_template.txt`` (one line with ``{}``; a folder a training script
+    wrote can carry it), the bundled model's training caption ``"a photo of the digit {}"``,
+    else :data:`DEFAULT_TEMPLATE` ``"a photo of a {}."`` (the paper's ImageNet prompts).
+    """
+    source = (getattr(backbone, "config", None) or {}).get("name_or_path")
+    folder = Path(str(source)).expanduser() if source else None
+    if folder is None or not folder.is_dir():
+        return DEFAULT_TEMPLATE
+    file = folder / TEMPLATE_FILE
+    if file.is_file():
+        template = file.read_text().strip()
+        if "{}" not in template:
+            raise ValueError(f"{file} must hold one prompt template with '{{}}' for the class name, got {template!r}")
+        return template
+    from ..backbones.registry import bundled_model_path
+
+    try:
+        bundled = bundled_model_path().resolve()
+    except FileNotFoundError:
+        return DEFAULT_TEMPLATE
+    return _BUNDLED_TEMPLATE if folder.resolve() == bundled else DEFAULT_TEMPLATE
+
+
+def class_prompts(classes: Sequence[str], templates: str | Sequence[str] = DEFAULT_TEMPLATE) -> list[list[str]]:
     """Prompts of each class: every template with ``{}`` replaced by the class name.
 
     Args:
@@ -161,7 +198,9 @@ class DiffusionClassifier:
             in play on ``n_samples`` evenly spaced pairs (the paper's cumulative samples per stage;
             earlier pairs are reused) and keeps the ``keep`` best (classes kept per stage).
             ``[(S, 1)]`` is the naive schedule. Default: the paper's CIFAR-10 ``((50, 5), (500, 1))``.
-        loss: ``"l2"`` (squared error, default), ``"l1"`` (paper's CIFAR-10/Pets/Flowers/STL-10) or ``"huber"``.
+        loss: ``"l2"`` (mean squared error, the paper's default), ``"l1"`` (its CIFAR-10/Pets/Flowers/
+            STL-10 runs), ``"huber"``, or ``"l2_norm"``: the Euclidean norm of the residual over all
+            latent elements, DiffusionITM's unit (Krojer et al. 2023; see ``matching.py``).
         huber_delta: threshold of the Huber loss (PyTorch's default 1.0, as the paper).
         prompt_ensemble: with several prompts per class, ``"errors"`` (default) averages the
             errors of the prompts (one UNet evaluation per prompt) and ``"embeddings"`` averages
@@ -218,9 +257,11 @@ class DiffusionClassifier:
         self._noise: dict[tuple[int, ...], Tensor] = {}
 
     @classmethod
-    def from_classes(cls, backbone: Any, classes: Sequence[str], templates: str | Sequence[str] = "a photo of a {}.",
+    def from_classes(cls, backbone: Any, classes: Sequence[str], templates: str | Sequence[str] | None = None,
                      **kwargs: Any) -> DiffusionClassifier:
-        """Build from class names and prompt templates (see :func:`class_prompts`)."""
+        """Build from class names and prompt templates (see :func:`class_prompts`); None: the model's
+        :func:`default_template`."""
+        templates = default_template(backbone) if templates is None else templates
         return cls(backbone, class_prompts(classes, templates), class_names=list(classes), **kwargs)
 
     @staticmethod
@@ -343,7 +384,9 @@ class DiffusionClassifier:
         raise ValueError(f"unsupported scheduler prediction_type {kind!r} (epsilon, v_prediction, sample)")
 
     def _error(self, eps: Tensor, eps_hat: Tensor) -> Tensor:
-        """Mean over latent elements of the loss: (N, C, h, w) x 2 -> (N,)."""
+        """Mean over latent elements of the loss, or the residual's norm (``"l2_norm"``): (N, C, h, w) x 2 -> (N,)."""
+        if self.loss == "l2_norm":
+            return torch.linalg.vector_norm((eps - eps_hat).flatten(1), dim=1)
         kw = {"delta": self.huber_delta} if self.loss == "huber" else {}
         fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}[self.loss]
         return fn(eps_hat, eps, reduction="none", **kw).flatten(1).mean(1)
@@ -424,18 +467,21 @@ class DiffusionClassifier:
 
     # ------------------------------------------------------------------ adaptive prediction
     def classify(self, images: Tensor | Sequence[Tensor] | None = None, latents: Tensor | None = None,
-                 schedule: Sequence[Sequence[int]] | None = None, eliminate: float | None = None) -> ClassifierOutput:
+                 schedule: Sequence[Sequence[int]] | None = None, eliminate: float | None = None,
+                 noise: Tensor | None = None) -> ClassifierOutput:
         """Adaptive classification of B images (images encoded once); see the class docstring.
 
         Args:
             images: (B, 3, H, W) in [0, 1], or ``latents`` (B, C, h, w).
             schedule: rounds ``[(n_samples, keep), ...]`` for this call; default ``self.schedule``.
             eliminate: this call's elimination threshold (see the class docstring); default ``self.eliminate``.
+            noise: (S, C, h, w) noise of the S grid slots (slot s = the s-th of :meth:`grid` (S)),
+                shared by every class and image; default the seeded one.
         """
         rounds = self.schedule if schedule is None else self._check_schedule(schedule)
         x0 = self._latents(images, latents)
         n_pairs = rounds[-1][0]
-        timesteps, noise = self.pairs(n_pairs, x0.shape[1:])
+        timesteps, noise = self._check_pairs(x0, self.grid(n_pairs), noise)
         err = torch.full((len(x0), self.num_conditions, n_pairs), math.nan)
         return self._adaptive(rounds, len(x0), lambda need: self._fill(err, need, x0, timesteps, noise),
                               lambda: self._class_errors(err), eliminate)

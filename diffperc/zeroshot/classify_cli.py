@@ -28,7 +28,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("image", help="image file (any size: the shorter side is resized to --size, centre crop)")
     p.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat,dog,bird'")
     p.add_argument("--template", action="append", default=None,
-                   help="prompt template with '{}' for the class (default 'a photo of a {}.'); repeat to ensemble")
+                   help="prompt template with '{}' for the class (default: the model's training caption, e.g. "
+                   "'a photo of the digit {}' for digits; 'a photo of a {}.' for SD); repeat to ensemble")
     p.add_argument("--model", default="digits", help="preset name or diffusers folder / hub id (default: digits)")
     p.add_argument("--samples", type=int, default=50,
                    help="(t, eps) pairs per class, evenly spaced timesteps (default: 50)")
@@ -102,7 +103,7 @@ def classify_image(image: str, classes: list[str], templates: list[str] | None =
     if size % backbone.size_multiple:
         raise ValueError(f"--size {size} is not a multiple of {backbone.size_multiple} for model {model}")
     clf = DiffusionClassifier.from_classes(
-        backbone, classes, templates or ["a photo of a {}."], schedule=schedule or [(samples, 1)], loss=loss,
+        backbone, classes, templates or None, schedule=schedule or [(samples, 1)], loss=loss,
         batch_size=batch_size, seed=seed, timestep_range=timestep_range, eliminate=eliminate, progress=True)
     with torch.no_grad():
         res = clf.classify(_load_image(image, size).to(backbone.device))
