@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffperc._io import write_text_atomic
 from diffperc.backbones._loading import save_components
 from diffperc.backbones.tiny import bundled_tokenizer
 from diffperc.data.digits import CLASS_WORDS, load
@@ -279,7 +280,9 @@ def main() -> None:
     info = {"recipe": dataclasses.asdict(recipe), "seed": args.seed, "threads": args.threads,
             "wall_minutes": round(parts["minutes"], 1), "cpu_minutes": round((time.process_time() - cpu0) / 60, 1),
             "s_per_step": round(parts["s_per_step"], 3)}
-    (args.out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_text_atomic(args.out / "training.json", json.dumps(info, indent=1) + "\n")
+    # the caption to query the model with (diffperc.zeroshot.classifier.default_template reads it)
+    write_text_atomic(args.out / "prompt_template.txt", CAPTION + "\n")
     print(f"wrote {args.out} in {parts['minutes']:.1f} min ({info['cpu_minutes']} CPU-min)", flush=True)
 
 
