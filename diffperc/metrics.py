@@ -144,18 +144,20 @@ class DepthMetrics(Metric):
         if crop not in _CROPS:
             raise ValueError(f"DepthMetrics: crop must be one of {_CROPS}, got {crop!r}")
         self.min_depth, self.max_depth, self.crop = min_depth, max_depth, crop
-        self.add_state("sums", default=torch.zeros(len(DEPTH_KEYS)), dist_reduce_fx="sum")
+        # float64 sums: VPD accumulates Python floats; float32 would drift over thousands of images
+        self.add_state("sums", default=torch.zeros(len(DEPTH_KEYS), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """pred, target: (B, 1, H, W) depth in metres (target 0 = missing)."""
         values, ok = per_image_depth_metrics(pred, target, self.min_depth, self.max_depth, self.crop)
-        self.sums += values[ok].sum(dim=0).to(self.sums)
+        self.sums += values[ok].to(self.sums).sum(dim=0)
         self.count += ok.sum().to(self.count)
 
     def compute(self) -> dict[str, Tensor]:
+        """{key: float32 scalar}: the float64 means over the images, cast once at the end."""
         mean = self.sums / self.count if self.count > 0 else torch.full_like(self.sums, float("nan"))
-        return dict(zip(DEPTH_KEYS, mean.unbind(), strict=True))
+        return dict(zip(DEPTH_KEYS, mean.float().unbind(), strict=True))
 
 
 # ---- semantic segmentation -----------------------------------------------------------------
@@ -282,15 +284,16 @@ class RefSegMetrics(Metric):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.add_state("cum_i", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("cum_u", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("iou_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("correct", default=torch.zeros(len(self.thresholds), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred_mask: Tensor, gt_mask: Tensor) -> None:
         """pred_mask: (B, H, W) mask or (B, 2, H, W) logits; gt_mask: (B, H, W) in {0, 1}."""
         inter, union = refseg_stats(pred_mask, gt_mask)
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter, dtype=torch.float))
-        thr = torch.tensor(self.thresholds, device=iou.device)
+        iou = torch.where(union > 0, inter.double() / union.clamp_min(1).double(),
+                          torch.zeros_like(inter, dtype=torch.float64))
+        thr = torch.tensor(self.thresholds, dtype=torch.float64, device=iou.device)  # VPD compares Python floats
         self.cum_i += inter.sum()
         self.cum_u += union.sum()
         self.iou_sum += iou.sum().to(self.iou_sum)
@@ -299,8 +302,8 @@ class RefSegMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """{"oiou", "miou", "prec@0.5", ...} in [0, 1] (NaN before any update)."""
-        n = self.total.float()
-        out = {"oiou": self.cum_i.float() / self.cum_u.float() if self.cum_u > 0 else torch.tensor(0.0),
+        n = self.total.double()
+        out = {"oiou": self.cum_i.double() / self.cum_u.double() if self.cum_u > 0 else torch.tensor(0.0),
                "miou": self.iou_sum / n}
-        out.update({f"prec@{t:g}": c.float() / n for t, c in zip(self.thresholds, self.correct, strict=True)})
-        return out
+        out.update({f"prec@{t:g}": c.double() / n for t, c in zip(self.thresholds, self.correct, strict=True)})
+        return {k: v.float() for k, v in out.items()}  # float64 accumulators, float32 results

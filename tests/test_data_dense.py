@@ -104,7 +104,7 @@ def test_nyu_scene_rules():
 def test_nyu_train_crop_flip_aligned(tmp_path):
     root = make_nyu(tmp_path)
     ds = NYUv2Dataset(root / "nyudepthv2_train_files_with_gt.txt", root / "sync", train=True, crop_size=(32, 48),
-                      color_aug=False)
+                      color_aug=False, cut_depth_interval=0)
     full_image = _rgb(root / "sync/kitchen_0028b/rgb_00001.jpg")
     full_depth = torch.from_numpy(_png(root / "sync/kitchen_0028b/sync_depth_00001.png") / 1000.0).float()[None]
     _check_aligned(ds, full_image, full_depth)
@@ -179,13 +179,18 @@ def test_ade20k_resize_rules(tmp_path):
     assert rescale_size(300, 400, (2048, 512)) == (512, 683)  # short side to 512
     assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side capped at 2048
     root = make_ade20k(tmp_path)
-    ds = ADE20KDataset(root, "val", scale=(128, 32))
+    ds = ADE20KDataset(root, "val", scale=(128, 32), eval_label_size="resized")
     item = ds[0]
     assert item["image"].shape == (3, 32, 43) and item["mask"].shape == (32, 43)
     assert set(item["mask"].unique().tolist()) <= {0, 1, 2, 149, 255}  # nearest: no new labels
+    original = ADE20KDataset(root, "val", scale=(128, 32))[0]  # mmseg scores at the annotation's size
+    stored = torch.from_numpy(_png(root / "annotations/validation/ADE_val_00000001.png"))
+    assert original["image"].shape == (3, 32, 43) and torch.equal(original["mask"], torch.where(stored == 0, 255,
+                                                                                                   stored - 1))
     train = ADE20KDataset(root, "train", train=True, crop_size=64, scale=(128, 32), ratio_range=(0.5, 0.5))
-    big = train[0]  # resized to 16x21, then padded: image 0, label 255
-    assert big["image"].shape == (3, 64, 64) and (big["mask"][16:] == 255).all() and (big["image"][:, 16:] == 0).all()
+    big = train[0]  # resized to 16x21, then padded: image grey (mmseg pads 0 after normalising), label 255
+    assert big["image"].shape == (3, 64, 64) and (big["mask"][16:] == 255).all()
+    assert (big["image"][:, 16:] == 0.5).all()
 
 
 def test_ade20k_bad_input(tmp_path):
@@ -240,7 +245,7 @@ def test_refcoco_items_and_masks(tmp_path):
     assert len(val) == 2 * len(val_refs)  # one item per sentence
     for k, (ref_id, (_, _, box, kind)) in enumerate(val_refs):
         item = val[2 * k + 1]
-        assert item["name"] == f"{ref_id}_1" and item["sentence"] == f"Object {ref_id}, view 1"  # the raw text
+        assert item["name"] == f"{ref_id}_1" and item["sentence"] == f"object {ref_id} view 1"  # cleaned `sent`
         assert item["mask"].dtype == torch.int64 and item["image"].shape == (3, *SIZE)
         want = _box_mask(box)
         if kind == "rle":
@@ -251,11 +256,15 @@ def test_refcoco_items_and_masks(tmp_path):
             x0, y0, x1, y1 = box
             assert abs(item["mask"].sum().item() - (x1 - x0) * (y1 - y0)) <= (x1 - x0) + (y1 - y0) + 1
             assert inter / union > 0.9
+    raw = RefCOCODataset(root, "refcoco", "unc", "val", image_size=None, sentence_field="raw")
+    assert raw[1]["sentence"] == f"Object {val_refs[0][0]}, view 1"
+    with pytest.raises(ValueError, match="sentence_field"):
+        RefCOCODataset(root, "refcoco", "unc", "val", sentence_field="tokens")
     train = RefCOCODataset(root, "refcoco", "unc", "train", train=True, image_size=32)
     assert len(train) == sum(b[1] == "train" for b in REFCOCO_BOXES)  # one item per ref
-    random.seed(0)
+    np.random.seed(0)  # VPD draws the sentence with np.random.choice
     sentences = {train[0]["sentence"] for _ in range(20)}
-    assert sentences == {"Object 0, view 0", "Object 0, view 1"}
+    assert sentences == {"object 0 view 0", "object 0 view 1"}
     item = train[1]  # RLE box (40, 16, 60, 44) on 64x48 -> 32x32, nearest
     assert item["image"].shape == (3, 32, 32) and set(item["mask"].unique().tolist()) == {0, 1}
     assert abs(item["mask"].float().mean().item() - 20 * 28 / (64 * 48)) < 0.03

@@ -44,6 +44,7 @@ def _overrides(config: str, roots: dict[str, Path]) -> list[str]:
               "--data.init_args.batch_size=2"]
     if "nyu" in config:
         return common + [ONE_TEMPLATE, "--model.init_args.neck_channels=16", "--model.init_args.deconv_channels=8",
+                         "--model.init_args.num_deconv=1",
                          "--model.init_args.decoder_channels=8", f"--data.init_args.root={roots['nyu']}",
                          "--data.init_args.crop_size=32"]
     if "synthetic" in config:

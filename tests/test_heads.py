@@ -73,23 +73,26 @@ def test_depth_in_range(layout: str) -> None:
 
 
 def test_depth_fusion_follows_vpd() -> None:
-    """On SD reductions VPD fuses at 1/32: 1/8 down by two stride-2 convs, 1/16 by one, 1/64 up 2x (nearest)."""
+    """On SD reductions VPD fuses at 1/32: [down2(f8), down1(f16), f32, up2x(f64)] concatenated in that order;
+    the fused map is cropped to the unpadded image, decoded, upsampled 2x twice (bilinear)."""
     channels, reductions = SD_LIKE
     head = VPDDepthHead(channels, reductions, neck_channels=32, decoder_channels=16).eval()
     assert head.fuse_reduction == 32
     strided = [sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in d.modules()) for d in head.down]
     assert strided == [0, 0, 1, 2]  # for reductions 64, 32, 16, 8
-    feats = _features(channels, reductions)
+    feats = _features(channels, reductions)  # of a 128 x 128 (padded) image
     with torch.no_grad():
         f64, f32, f16, f8 = feats
-        maps = [f64.repeat_interleave(2, -1).repeat_interleave(2, -2), f32, head.down[2](f16), head.down[3](f8)]
+        maps = [head.down[3](f8), head.down[2](f16), f32, f64.repeat_interleave(2, -1).repeat_interleave(2, -2)]
         expected = head.neck(torch.cat(maps, dim=1))
         assert torch.allclose(head.fuse(feats), expected, atol=1e-6)
-        # decoder: 3 deconvs x2 from 1/32 -> 1/4, then up to the output size
-        x = head.conv(head.deconv(expected))
-        assert x.shape[-2:] == (128 // 4, 128 // 4)
-        ref = torch.sigmoid(head.last(F.interpolate(x, size=(128, 128), mode="bilinear"))) * head.max_depth
-        assert torch.allclose(head(feats, (128, 128)), ref, atol=1e-6)
+        # a 96 x 120 image padded to 128: the 4 x 4 fused map is cropped to 3 x 4 (= ceil(96/32) x ceil(120/32))
+        x = head.conv(head.deconv(expected[..., :3, :4]))
+        assert x.shape[-2:] == (3 * 8, 4 * 8)
+        for _ in range(2):
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        ref = torch.sigmoid(head.last(x[..., :96, :120])) * head.max_depth
+        assert torch.allclose(head(feats, (96, 120)), ref, atol=1e-6)
 
 
 def test_semantic_fpn_matches_manual_fpn() -> None:

@@ -8,7 +8,6 @@ global generator, which Lightning's ``seed_everything(workers=True)`` seeds per 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "DenseDataModule", "check_dir", "color_jitter", "crop", "hflip",
-           "load_rgb", "pad_to", "random_crop_box", "read_depth_png", "read_label_png", "rescale_size",
-           "resize_image", "resize_mask", "size_pair"]
+__all__ = ["IGNORE_INDEX", "IMAGE_SUFFIXES", "DenseDataModule", "check_dir", "crop", "hflip", "load_rgb",
+           "load_rgb_u8", "pad_to", "random_crop_box", "read_depth_png", "read_label_png", "rescale_size",
+           "resize_image", "resize_mask", "size_pair", "u8_to_tensor"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -47,16 +46,25 @@ def check_dir(path: Path, what: str, layout: str) -> Path:
     return path
 
 
-def load_rgb(path: Path) -> Tensor:
-    """An image file -> (3, H, W) float32 in [0, 1] (RGB)."""
+def load_rgb_u8(path: Path) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB array (what the VPD pipelines augment before normalising)."""
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return np.array(img.convert("RGB"), dtype=np.uint8)
     except OSError as err:
         raise OSError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def u8_to_tensor(pixels: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1] (torchvision's ``to_tensor``)."""
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_rgb(path: Path) -> Tensor:
+    """An image file -> (3, H, W) float32 in [0, 1] (RGB)."""
+    return u8_to_tensor(load_rgb_u8(path))
 
 
 def _png_header(path: Path) -> tuple[int, int]:
@@ -149,27 +157,6 @@ def pad_to(x: Tensor, size: tuple[int, int], value: float) -> Tensor:
     if dh <= 0 and dw <= 0:
         return x
     return F.pad(x, (0, max(dw, 0), 0, max(dh, 0)), value=value)
-
-
-def color_jitter(image: Tensor, brightness: float = 0.2, contrast: float = 0.2, gamma: tuple[float, float] = (0.8, 1.2),
-                 saturation: float = 0.2) -> Tensor:
-    """Photometric augmentation of (3, H, W) in [0, 1], each part applied with probability 0.5.
-
-    The parts of VPD's depth recipe (albumentations RandomBrightnessContrast, RandomGamma,
-    HueSaturationValue) and of mmseg's PhotoMetricDistortion, without hue shifts.
-    """
-    if random.random() < 0.5:
-        image = image * (1 + random.uniform(-brightness, brightness))
-    if random.random() < 0.5:
-        mean = image.mean()
-        image = (image - mean) * (1 + random.uniform(-contrast, contrast)) + mean
-    image = image.clamp(0, 1)
-    if random.random() < 0.5:
-        image = image.pow(random.uniform(*gamma))
-    if random.random() < 0.5:
-        grey = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
-        image = (image - grey) * (1 + random.uniform(-saturation, saturation)) + grey
-    return image.clamp(0, 1)
 
 
 def cat_max_ratio_ok(mask: Tensor, cat_max_ratio: float) -> bool:

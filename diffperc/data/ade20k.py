@@ -11,46 +11,47 @@ Layout (the released zip, http://data.csail.mit.edu/places/ADEchallenge/ADEChall
 Labels follow mmseg's ``reduce_zero_label``: 0 -> 255 (ignored), k -> k - 1 (0..149). A stored
 value above 150 is an error naming the file.
 
-Transforms, as mmseg's ADE20K config used by VPD (Zhao et al., ICCV 2023) with ``scale=(2048, 512)``:
+Transforms, as mmseg 0.x's pipeline in VPD's ``segmentation/configs/_base_/datasets/ade20k_vpd.py``
+(``scale=(2048, 512)``), on uint8 images with random numbers from ``numpy.random`` in mmseg's
+order (:mod:`diffperc.data._augment`):
 
-- train: RandomResize (keep ratio: the largest size with long side <= 2048 r, short side <=
-  512 r, r ~ U(0.5, 2.0)), RandomCrop ``crop_size`` retried up to 10 times until no class covers
-  more than ``cat_max_ratio`` of the labelled pixels, flip (p=0.5), optional photometric jitter,
-  and padding to ``crop_size`` (image 0, label 255) so crops stack into batches.
-- val/test/predict: Resize keep ratio to long side <= 2048 and short side <= 512 (so the short
-  side becomes 512 unless the image is more than 4:1). The label map is resized with nearest
-  neighbour to the image size; mmseg instead scores at the original size, which differs only
-  at resampled boundaries. Eval images differ in size: ``eval_batch_size`` defaults to 1.
+- train: Resize (r ~ U(0.5, 2.0), scale ``(int(2048 r), int(512 r))``, keep ratio: the largest
+  size with long side <= scale[0] and short side <= scale[1]; image bilinear as OpenCV, labels
+  OpenCV nearest), RandomCrop ``crop_size`` redrawn up to 10 times until no class covers
+  ``cat_max_ratio`` or more of the labelled pixels, RandomFlip (p=0.5), PhotoMetricDistortion
+  (``color_aug``), then Pad to ``crop_size``: image grey (mmseg pads with 0 after normalising by
+  mean = std = 127.5, i.e. 0.5 in [0, 1]), label 255.
+- val/test/predict: the image resized keeping the ratio to long side <= 2048 and short side <= 512
+  (bilinear); the label map at its **original** size (``eval_label_size="original"``): the task
+  resizes the logits back to it (bilinear) before the argmax, as mmseg scores ADE20K.
+  ``"resized"`` gives the label map resized (nearest) to the image instead.
+  Eval images differ in size: ``eval_batch_size`` defaults to 1.
 
 ``scale=None`` skips resizing (train: r times the original size), for tiny test data.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ._augment import photo_metric_distortion, resize_bilinear_u8, resize_nearest
 from ._dense import (
     IGNORE_INDEX,
     DenseDataModule,
-    cat_max_ratio_ok,
     check_dir,
-    color_jitter,
-    crop,
-    hflip,
-    load_rgb,
+    load_rgb_u8,
     pad_to,
-    random_crop_box,
     read_label_png,
     rescale_size,
-    resize_image,
-    resize_mask,
     size_pair,
+    u8_to_tensor,
 )
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataModule", "ADE20KDataset", "reduce_zero_label"]
@@ -78,6 +79,7 @@ LAYOUT = """<root>/   (ADEChallengeData2016)
   images/training/*.jpg         images/validation/*.jpg
   annotations/training/*.png    annotations/validation/*.png   (8-bit, 0 = other, 1..150 = classes)"""
 _SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+EVAL_LABEL_SIZES = ("original", "resized")
 
 
 def reduce_zero_label(labels: Tensor, path: Path | str, num_classes: int = 150) -> Tensor:
@@ -99,25 +101,31 @@ def find_ade_root(root: str | Path) -> Path:
 
 
 class ADE20KDataset(Dataset):
-    """One ADE20K split: ``{"image": (3, H, W) in [0, 1], "mask": (H, W) int64 0..149 or 255, "name": str}``.
+    """One ADE20K split: ``{"image": (3, H, W) in [0, 1], "mask": (h, w) int64 0..149 or 255, "name": str}``.
 
     Args:
         root: ADEChallengeData2016 (or its parent).
         split: ``"train"``/``"training"`` or ``"val"``/``"validation"``.
-        train: random resize/crop/flip; False resizes keeping the ratio (see the module docstring).
+        train: mmseg's training pipeline; False resizes keeping the ratio (module docstring).
         crop_size: training crop (H, W) or side (512).
         scale: mmseg's (long, short) resize scale, or None for no resize.
         ratio_range: training resize ratios r.
-        cat_max_ratio: RandomCrop's largest allowed share of one class (1.0 disables the retries).
-        color_aug: photometric jitter on training crops.
+        cat_max_ratio: RandomCrop's largest allowed share of one class (1.0 disables the redraws).
+        color_aug: mmseg's PhotoMetricDistortion on training crops.
+        eval_label_size: ``"original"`` (mmseg) or ``"resized"`` label maps at eval.
+        rng: source of the training randomness (``random_sample``, ``randint``, ``rand``,
+            ``uniform``); None = the ``numpy.random`` module, as mmseg.
     """
 
     def __init__(self, root: str | Path, split: str = "val", train: bool = False,
                  crop_size: int | Sequence[int] = (512, 512), scale: Sequence[int] | None = (2048, 512),
                  ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                 color_aug: bool = True) -> None:
+                 color_aug: bool = True, eval_label_size: Literal["original", "resized"] = "original",
+                 rng: Any = None) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+        if eval_label_size not in EVAL_LABEL_SIZES:
+            raise ValueError(f"eval_label_size must be one of {EVAL_LABEL_SIZES}, got {eval_label_size!r}")
         self.root = find_ade_root(root)
         folder = _SPLITS[split]
         images = check_dir(self.root / "images" / folder, "ADE20K images", LAYOUT)
@@ -130,47 +138,70 @@ class ADE20KDataset(Dataset):
             raise FileNotFoundError(f"{len(missing)} ADE20K annotation(s) missing, e.g. {missing[0]}; each image "
                                     f"images/{folder}/<name>.jpg needs annotations/{folder}/<name>.png")
         self.train, self.crop_size = train, size_pair(crop_size, "crop_size")
-        self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
+        self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
         self.ratio_range, self.cat_max_ratio, self.color_aug = tuple(ratio_range), cat_max_ratio, color_aug
+        self.eval_label_size, self.rng = eval_label_size, rng
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _resize(self, image: Tensor, mask: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
-        h, w = image.shape[-2:]
+    def _size(self, h: int, w: int, ratio: float | None) -> tuple[int, int]:
+        """mmseg's Resize target: keep-ratio rescale to ``scale`` (times ``ratio``, truncated as mmseg does)."""
         if self.scale is None:
-            size = (int(h * ratio + 0.5), int(w * ratio + 0.5))
-        else:
-            size = rescale_size(h, w, (self.scale[0] * ratio, self.scale[1] * ratio))
-        return resize_image(image, size), resize_mask(mask, size)
+            r = 1.0 if ratio is None else ratio
+            return int(h * r + 0.5), int(w * r + 0.5)
+        if ratio is None:
+            return rescale_size(h, w, self.scale)
+        return rescale_size(h, w, (int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
 
-    def _random_crop(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        box = random_crop_box(*mask.shape, self.crop_size)
+    def _crop_box(self, labels: np.ndarray, rng: Any) -> tuple[int, int, int, int]:
+        """mmseg RandomCrop: (y1, y2, x1, x2), redrawn up to 10 times while one class dominates."""
+        def draw() -> tuple[int, int, int, int]:
+            top = rng.randint(0, max(labels.shape[0] - self.crop_size[0], 0) + 1)
+            left = rng.randint(0, max(labels.shape[1] - self.crop_size[1], 0) + 1)
+            return top, top + self.crop_size[0], left, left + self.crop_size[1]
+
+        box = draw()
         if self.cat_max_ratio < 1.0:
-            for _ in range(9):  # mmseg: up to 10 draws, keep the last
-                if cat_max_ratio_ok(crop(mask, box), self.cat_max_ratio):
+            for _ in range(10):
+                ids, counts = np.unique(labels[box[0] : box[1], box[2] : box[3]], return_counts=True)
+                counts = counts[ids != IGNORE_INDEX]
+                if len(counts) > 1 and np.max(counts) / np.sum(counts) < self.cat_max_ratio:
                     break
-                box = random_crop_box(*mask.shape, self.crop_size)
-        return crop(image, box), crop(mask, box)
+                box = draw()
+        return box
+
+    def _train_item(self, image: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+        rng = self.rng if self.rng is not None else np.random
+        ratio = rng.random_sample() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
+        size = self._size(*labels.shape, ratio)
+        image, labels = resize_bilinear_u8(image, size), resize_nearest(labels, size)
+        y1, y2, x1, x2 = self._crop_box(labels, rng)
+        image, labels = image[y1:y2, x1:x2], labels[y1:y2, x1:x2]
+        if rng.rand() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        if self.color_aug:
+            image = photo_metric_distortion(np.ascontiguousarray(image), rng)
+        # mmseg normalises by mean = std = 127.5, then pads with 0: grey (0.5) in [0, 1]
+        img = pad_to(u8_to_tensor(image), self.crop_size, 0.5)
+        mask = pad_to(torch.from_numpy(np.ascontiguousarray(labels)), self.crop_size, IGNORE_INDEX)
+        return img, mask
 
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         img_path, ann_path = self.samples[index]
-        image = load_rgb(img_path)  # (3, H, W)
-        mask = reduce_zero_label(torch.from_numpy(read_label_png(ann_path)), ann_path)  # (H, W)
-        if image.shape[-2:] != mask.shape:
-            raise ValueError(f"image {img_path} is {tuple(image.shape[-2:])} (HxW) but {ann_path} is "
-                             f"{tuple(mask.shape)}")
+        image = load_rgb_u8(img_path)  # (H, W, 3) uint8
+        labels = reduce_zero_label(torch.from_numpy(read_label_png(ann_path)), ann_path).numpy()  # (H, W)
+        if image.shape[:2] != labels.shape:
+            raise ValueError(f"image {img_path} is {image.shape[:2]} (HxW) but {ann_path} is {labels.shape}")
         if self.train:
-            image, mask = self._resize(image, mask, random.uniform(*self.ratio_range))
-            image, mask = self._random_crop(image, mask)
-            if torch.rand(()) < 0.5:
-                image, mask = hflip(image), hflip(mask)
-            if self.color_aug:
-                image = color_jitter(image)
-            image, mask = pad_to(image, self.crop_size, 0.0), pad_to(mask, self.crop_size, IGNORE_INDEX)
+            img, mask = self._train_item(image, labels)
         else:
-            image, mask = self._resize(image, mask, 1.0)
-        return {"image": image.contiguous(), "mask": mask.contiguous(), "name": img_path.stem}
+            size = self._size(*labels.shape, None)
+            img = u8_to_tensor(resize_bilinear_u8(image, size))
+            if self.eval_label_size == "resized":
+                labels = resize_nearest(labels, size)
+            mask = torch.from_numpy(np.ascontiguousarray(labels))
+        return {"image": img.contiguous(), "mask": mask.long().contiguous(), "name": img_path.stem}
 
 
 class ADE20KDataModule(DenseDataModule):
@@ -181,10 +212,12 @@ class ADE20KDataModule(DenseDataModule):
         crop_size: training crop (H, W) or side (512).
         scale: mmseg's resize scale (long, short); None keeps the original size (tiny test data).
         ratio_range: training resize ratios.
-        cat_max_ratio: RandomCrop retry threshold (1.0: off).
-        color_aug: photometric jitter on training crops.
-        batch_size, num_workers: see :class:`DenseDataModule`.
-        eval_batch_size: eval images differ in size, so 1 by default.
+        cat_max_ratio: RandomCrop redraw threshold (1.0: off).
+        color_aug: mmseg's PhotoMetricDistortion on training crops.
+        eval_label_size: ``"original"``: eval label maps at the annotation's size, scored there after
+            the task resizes the logits back (mmseg); ``"resized"``: label maps resized to the image.
+        batch_size, num_workers: see :class:`DenseDataModule` (VPD: 2 per GPU x 8 GPUs).
+        eval_batch_size: eval images (and label maps) differ in size, so 1 by default.
 
     Attributes:
         class_names: the 150 class names in label order (:data:`ADE20K_CLASSES`).
@@ -192,17 +225,22 @@ class ADE20KDataModule(DenseDataModule):
 
     def __init__(self, root: str, crop_size: int | Sequence[int] = (512, 512), scale: Sequence[int] | None = (2048, 512),
                  ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75, color_aug: bool = True,
-                 batch_size: int = 2, num_workers: int = 0, eval_batch_size: int | None = 1) -> None:
+                 eval_label_size: Literal["original", "resized"] = "original", batch_size: int = 2,
+                 num_workers: int = 0, eval_batch_size: int | None = 1) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         self.root = find_ade_root(root)
         self.crop_size = size_pair(crop_size, "crop_size")
         self.scale, self.ratio_range = scale, ratio_range
         self.cat_max_ratio, self.color_aug = cat_max_ratio, color_aug
+        if eval_label_size not in EVAL_LABEL_SIZES:
+            raise ValueError(f"eval_label_size must be one of {EVAL_LABEL_SIZES}, got {eval_label_size!r}")
+        self.eval_label_size = eval_label_size
         self.class_names = list(ADE20K_CLASSES)
 
     def build(self) -> dict[str, Dataset]:
         train = ADE20KDataset(self.root, "train", True, self.crop_size, self.scale, self.ratio_range,
                               self.cat_max_ratio, self.color_aug)
-        val = ADE20KDataset(self.root, "val", False, self.crop_size, self.scale)
+        val = ADE20KDataset(self.root, "val", False, self.crop_size, self.scale,
+                            eval_label_size=self.eval_label_size)
         return {"train": train, "val": val, "test": val, "predict": val}

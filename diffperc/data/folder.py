@@ -10,7 +10,7 @@ Layout::
 
 Without lists, a seeded ``val_fraction`` of the names is held out. Validation, test and
 predict use the held-out items at full size; training items get a random crop (padded to
-``crop_size`` where the image is smaller: image 0, depth 0 = invalid, mask 255) and a
+``crop_size`` where the image is smaller: image grey 0.5, depth 0 = invalid, mask 255) and a
 horizontal flip.
 
     diffperc fit --config configs/depth/nyu_vpd_sd15.yaml \
@@ -126,7 +126,8 @@ class FolderDataset(Dataset):
             if self.crop_size is not None:
                 box = random_crop_box(*image.shape[-2:], self.crop_size)
                 fill = 0.0 if self.target == "depth" else IGNORE_INDEX
-                image, target = pad_to(crop(image, box), self.crop_size, 0.0), pad_to(crop(target, box),
+                # grey image padding: 0 in [-1, 1], as mmseg pads after normalising and VPD pads depth crops
+                image, target = pad_to(crop(image, box), self.crop_size, 0.5), pad_to(crop(target, box),
                                                                                        self.crop_size, fill)
             if torch.rand(()) < 0.5:
                 image, target = hflip(image), hflip(target)

@@ -22,30 +22,29 @@ takes, as VPD does, the first name in list order that is a substring (so ``study
 name itself. A scene that matches nothing is an error naming the split file and line (VPD
 asserts too): a silent fallback would give wrong prompts.
 
-Training items: random crop to ``crop_size`` (VPD 480x480), horizontal flip (p=0.5) and
-optional photometric jitter. Test items: the full 480x640 image.
+Training items follow VPD's ``depth/dataset/base_dataset.py`` (GLPDepth's): on the full uint8
+image, CutDepth on every ``cut_depth_interval``-th item this dataset copy serves (VPD: every 4th,
+counted per data-loader worker), then albumentations' horizontal flip (p=0.5), random crop to
+``crop_size`` (VPD 480x480) and, with ``color_aug``, RandomBrightnessContrast, RandomGamma and
+HueSaturationValue (each p=0.5), random numbers drawn from Python's ``random`` in VPD's order
+(:func:`~diffperc.data._augment.nyu_vpd_augment`). Test items: the full 480x640 image.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._dense import (
-    DenseDataModule,
-    color_jitter,
-    crop,
-    hflip,
-    load_rgb,
-    random_crop_box,
-    read_depth_png,
-    size_pair,
-)
+from ._augment import cut_depth, nyu_vpd_augment
+from ._dense import DenseDataModule, load_rgb_u8, read_depth_png, size_pair, u8_to_tensor
 
 __all__ = ["NYU_SCENES", "NYUv2DataModule", "NYUv2Dataset", "read_split_file", "scene_index"]
 
@@ -101,20 +100,27 @@ class NYUv2Dataset(Dataset):
     Args:
         split_file: the BTS/VPD list of pairs.
         image_dir: the folder the list's paths are relative to.
-        train: random crop + flip (+ colour jitter); False returns full images.
+        train: VPD's training augmentation (module docstring); False returns full images.
         crop_size: (H, W) or side of training crops (VPD: 480x480).
-        color_aug: photometric jitter on training images.
+        color_aug: VPD's colour augmentation on training images.
         depth_scale: png value per metre (1000: millimetres).
         scene_match: ``"vpd"`` or ``"exact"`` (see the module docstring).
+        cut_depth_interval: CutDepth on every n-th training item (VPD: 4); 0 = off.
+        rng: source of the training randomness (``.random()``, ``.uniform()``); None = Python's
+            ``random`` module, as VPD (seeded per worker by ``seed_everything(workers=True)``).
     """
 
     def __init__(self, split_file: str | Path, image_dir: str | Path, train: bool = False,
                  crop_size: int | Sequence[int] = (480, 480), color_aug: bool = True, depth_scale: float = 1000.0,
-                 scene_match: str = "vpd") -> None:
+                 scene_match: str = "vpd", cut_depth_interval: int = 4, rng: Any = None) -> None:
+        if cut_depth_interval < 0:
+            raise ValueError(f"cut_depth_interval must be >= 0 (0 = no CutDepth), got {cut_depth_interval}")
         self.records = read_split_file(Path(split_file), scene_match)
         self.image_dir, self.train = Path(image_dir), train
         self.crop_size = size_pair(crop_size, "crop_size")
         self.color_aug, self.depth_scale = color_aug, depth_scale
+        self.cut_depth_interval, self.rng = cut_depth_interval, rng
+        self._count = 0  # VPD's self.count: items served by this copy of the dataset (one per worker)
         rgb, depth, _ = self.records[0]
         for rel in (rgb, depth):
             if not (self.image_dir / rel).is_file():
@@ -126,19 +132,19 @@ class NYUv2Dataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         rgb, depth_rel, scene = self.records[index]
-        image = load_rgb(self.image_dir / rgb)  # (3, H, W)
-        depth = read_depth_png(self.image_dir / depth_rel, self.depth_scale)  # (1, H, W)
-        if image.shape[-2:] != depth.shape[-2:]:
-            raise ValueError(f"image {self.image_dir / rgb} is {tuple(image.shape[-2:])} (HxW) but its depth map "
-                             f"{self.image_dir / depth_rel} is {tuple(depth.shape[-2:])}")
+        image = load_rgb_u8(self.image_dir / rgb)  # (H, W, 3) uint8
+        depth = read_depth_png(self.image_dir / depth_rel, 1.0)[0].numpy()  # (H, W) png units (VPD: mm)
+        if image.shape[:2] != depth.shape:
+            raise ValueError(f"image {self.image_dir / rgb} is {image.shape[:2]} (HxW) but its depth map "
+                             f"{self.image_dir / depth_rel} is {depth.shape}")
         if self.train:
-            box = random_crop_box(*image.shape[-2:], self.crop_size)
-            image, depth = crop(image, box), crop(depth, box)
-            if torch.rand(()) < 0.5:
-                image, depth = hflip(image), hflip(depth)
-            if self.color_aug:
-                image = color_jitter(image)
-        return {"image": image.contiguous(), "depth": depth.contiguous(),
+            rng = self.rng if self.rng is not None else random
+            if self.cut_depth_interval and self._count % self.cut_depth_interval == 0:
+                image = cut_depth(image, depth, rng)
+            image, depth = nyu_vpd_augment(image, depth, self.crop_size, rng, self.color_aug)
+            self._count += 1
+        depth_m = torch.from_numpy(np.ascontiguousarray(depth) / np.float32(self.depth_scale))[None]
+        return {"image": u8_to_tensor(image), "depth": depth_m.float().contiguous(),
                 "scene": torch.tensor(scene, dtype=torch.int64), "name": rgb}
 
 
@@ -159,10 +165,11 @@ class NYUv2DataModule(DenseDataModule):
         train_dir, test_dir: folders the split paths are relative to (default ``<root>/sync`` and
             ``<root>/official_splits/test`` where they exist, else ``<root>``).
         crop_size: training crop (H, W) or side; VPD: 480x480.
-        color_aug: photometric jitter on training crops.
+        color_aug: VPD's colour augmentation of training crops (brightness/contrast, gamma, HSV).
         depth_scale: png value per metre.
         scene_match: ``"vpd"`` (first substring match, as VPD) or ``"exact"``.
-        batch_size, num_workers, eval_batch_size: see :class:`DenseDataModule`.
+        cut_depth_interval: CutDepth on every n-th training item of each worker (VPD: 4); 0 = off.
+        batch_size, num_workers, eval_batch_size: see :class:`DenseDataModule` (VPD: 3 per GPU).
 
     Attributes:
         scene_names: the 27 scene names the items' ``scene`` indexes.
@@ -171,8 +178,8 @@ class NYUv2DataModule(DenseDataModule):
     def __init__(self, root: str, train_split: str = "nyudepthv2_train_files_with_gt.txt",
                  test_split: str = "nyudepthv2_test_files_with_gt.txt", train_dir: str | None = None,
                  test_dir: str | None = None, crop_size: int | Sequence[int] = (480, 480), color_aug: bool = True,
-                 depth_scale: float = 1000.0, scene_match: str = "vpd", batch_size: int = 3, num_workers: int = 0,
-                 eval_batch_size: int | None = None) -> None:
+                 depth_scale: float = 1000.0, scene_match: str = "vpd", cut_depth_interval: int = 4,
+                 batch_size: int = 3, num_workers: int = 0, eval_batch_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
@@ -186,11 +193,12 @@ class NYUv2DataModule(DenseDataModule):
                 raise FileNotFoundError(f"NYUv2 split file {split} does not exist. Expected layout:\n{LAYOUT}")
         self.crop_size = size_pair(crop_size, "crop_size")
         self.color_aug, self.depth_scale, self.scene_match = color_aug, depth_scale, scene_match
+        self.cut_depth_interval = cut_depth_interval
         self.scene_names = list(NYU_SCENES)
 
     def build(self) -> dict[str, Dataset]:
         train = NYUv2Dataset(self.train_split, self.train_dir, True, self.crop_size, self.color_aug, self.depth_scale,
-                             self.scene_match)
+                             self.scene_match, self.cut_depth_interval)
         test = NYUv2Dataset(self.test_split, self.test_dir, False, self.crop_size, False, self.depth_scale,
                             self.scene_match)
         return {"train": train, "val": test, "test": test, "predict": test}

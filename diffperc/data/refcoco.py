@@ -13,35 +13,39 @@ Layout (lichengunc/refer's ``data/`` folder, as LAVT and VPD use it)::
 "sent_id"}, ...]}``. It is read with an unpickler that accepts plain Python containers and
 scalars only, so a tampered file cannot run code. ``instances.json`` is COCO format; a ref's
 mask is its annotation's segmentation (polygons or RLE) rasterised with pycocotools
-(``pip install pycocotools`` or ``diffperc[coco]``), polygons united, as LAVT does.
+(``pip install pycocotools`` or ``diffperc[coco]``); where an object has several polygons, the pixels
+covered by exactly one of them (VPD and LAVT keep the polygon sum == 1; see :func:`annotation_mask`).
 
 Splits are the refs' ``split`` values: unc ``train``/``val``/``testA``/``testB``, umd
 ``train``/``val``/``test``. Items (as LAVT, Yang et al., CVPR 2022): training gives one item
 per ref with a sentence drawn at random each time; evaluation gives one item per sentence.
-The sentence is the ``raw`` text (``sent`` where there is none). Images and masks are resized
-to ``image_size`` squared (bilinear / nearest), as LAVT and VPD; LAVT scores masks at the
-original size, which differs only at resampled boundaries.
+The sentence is the cleaned ``sent`` text (lower case, punctuation removed), as VPD's
+``refer/data/dataset_refer_clip.py`` tokenises it; ``sentence_field="raw"`` gives the annotators'
+original text. Images and masks are resized to ``image_size`` squared with Pillow (bilinear with
+Pillow's antialiasing / nearest), exactly as VPD's ``refer/transforms.py`` ``Resize`` does through
+torchvision, and VPD scores the masks at that size (``refer/test.py``).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-import random
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._dense import DenseDataModule, load_rgb, resize_image, resize_mask, size_pair
+from ._dense import DenseDataModule, size_pair, u8_to_tensor
 
 __all__ = ["RefCOCODataModule", "RefCOCODataset", "annotation_mask", "load_refs"]
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
+SENTENCE_FIELDS = ("sent", "raw")
 _IMAGE_DIRS = ("images/train2014", "train2014", "images/mscoco/images/train2014")
 LAYOUT = """<root>/
   images/train2014/COCO_train2014_*.jpg   (or train2014/)
@@ -81,19 +85,28 @@ def _load_refs(file: str, mtime_ns: int) -> list[dict[str, Any]]:
     return refs
 
 
-def annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
-    """COCO polygons ([[x1, y1, x2, y2, ...], ...]) or RLE -> (H, W) uint8 {0, 1}, the union of the parts."""
+def annotation_mask(segmentation: list | dict, height: int, width: int, overlaps: str = "vpd") -> np.ndarray:
+    """COCO polygons ([[x1, y1, x2, y2, ...], ...]) or RLE -> (H, W) uint8 {0, 1} mask.
+
+    Args:
+        overlaps: how several polygons of one object combine. ``"vpd"``: pixels covered by
+            exactly one polygon (VPD's ``refer/refer/refer.py`` ``getMask`` sums the polygon
+            masks and ``refer/data/dataset_refer_clip.py`` keeps the pixels equal to 1, as LAVT);
+            ``"union"``: every covered pixel. An RLE is one mask either way.
+    """
+    if overlaps not in ("vpd", "union"):
+        raise ValueError(f"overlaps must be 'vpd' or 'union', got {overlaps!r}")
     try:
         from pycocotools import mask as coco_mask
     except ImportError as err:
         raise ImportError("RefCOCO masks need pycocotools: pip install pycocotools (or diffperc[coco])") from err
     if isinstance(segmentation, list):
         rles = coco_mask.frPyObjects(segmentation, height, width)  # one RLE per polygon
-        rle = coco_mask.merge(rles)
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = coco_mask.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
+        if overlaps == "union":
+            return (coco_mask.decode(coco_mask.merge(rles)) > 0).astype(np.uint8)
+        return (coco_mask.decode(rles).astype(np.int64).sum(axis=2) == 1).astype(np.uint8)
+    rle = coco_mask.frPyObjects(segmentation, height, width) if isinstance(segmentation.get("counts"), list) \
+        else segmentation
     return (coco_mask.decode(rle) > 0).astype(np.uint8)
 
 
@@ -123,12 +136,18 @@ class RefCOCODataset(Dataset):
         split: a ``split`` value of the refs (``train``, ``val``, ``testA``, ``testB``, ``test``).
         train: one item per ref with a random sentence; False: one item per sentence.
         image_size: side S (or (H, W)) images and masks are resized to; None keeps the original size.
+        sentence_field: ``"sent"`` (cleaned text, VPD) or ``"raw"`` (original text; ``sent`` where a
+            sentence has no ``raw``).
     """
 
     def __init__(self, root: str | Path, dataset: str = "refcoco", split_by: str = "unc", split: str = "val",
-                 train: bool = False, image_size: int | tuple[int, int] | None = 512) -> None:
+                 train: bool = False, image_size: int | tuple[int, int] | None = 512,
+                 sentence_field: str = "sent") -> None:
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        if sentence_field not in SENTENCE_FIELDS:
+            raise ValueError(f"sentence_field must be one of {SENTENCE_FIELDS}, got {sentence_field!r}")
+        self.sentence_field = sentence_field
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"RefCOCO root {root} does not exist. Expected layout:\n{LAYOUT}")
@@ -168,20 +187,29 @@ class RefCOCODataset(Dataset):
         ref_idx, sent_idx = self.items[index]
         ref = self.refs[ref_idx]
         if sent_idx < 0:
-            sent_idx = random.randrange(len(ref["sentences"]))
+            sent_idx = int(np.random.choice(len(ref["sentences"])))  # VPD dataset_refer_clip.py:113
         sentence = ref["sentences"][sent_idx]
         info = self.images[ref["image_id"]]
         path = self.image_dir / info["file_name"]
-        image = load_rgb(path)  # (3, H, W)
-        h, w = image.shape[-2:]
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+        w, h = image.size
         if (info.get("height", h), info.get("width", w)) != (h, w):
             raise ValueError(f"image {path} is {h}x{w} (HxW) but instances.json says "
                              f"{info['height']}x{info['width']}")
-        mask = torch.from_numpy(annotation_mask(self.anns[ref["ann_id"]]["segmentation"], h, w)).long()  # (H, W)
-        if self.image_size is not None:
-            image, mask = resize_image(image, self.image_size), resize_mask(mask, self.image_size)
-        return {"image": image.contiguous(), "mask": mask.contiguous(),
-                "sentence": str(sentence.get("raw") or sentence["sent"]), "name": f"{ref['ref_id']}_{sent_idx}"}
+        mask = Image.fromarray(annotation_mask(self.anns[ref["ann_id"]]["segmentation"], h, w))  # (H, W) {0, 1}
+        if self.image_size is not None and self.image_size != (h, w):
+            size = (self.image_size[1], self.image_size[0])  # Pillow takes (W, H)
+            image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+        text = sentence["sent"] if self.sentence_field == "sent" else (sentence.get("raw") or sentence["sent"])
+        return {"image": u8_to_tensor(np.asarray(image, dtype=np.uint8)),
+                "mask": torch.from_numpy(np.array(mask, dtype=np.int64)), "sentence": str(text),
+                "name": f"{ref['ref_id']}_{sent_idx}"}
 
 
 class RefCOCODataModule(DenseDataModule):
@@ -193,12 +221,13 @@ class RefCOCODataModule(DenseDataModule):
         split_by: ``"unc"`` (RefCOCO/+) or ``"umd"`` (RefCOCOg, as LAVT/VPD).
         image_size: square side of images and masks (LAVT 480, VPD 512).
         val_split, test_split: refs ``split`` values (e.g. ``testA``, ``testB``, ``test``).
-        batch_size, num_workers, eval_batch_size: see :class:`DenseDataModule`.
+        sentence_field: ``"sent"`` (VPD) or ``"raw"`` (see :class:`RefCOCODataset`).
+        batch_size, num_workers, eval_batch_size: see :class:`DenseDataModule` (VPD: 4 per GPU x 8).
     """
 
     def __init__(self, root: str, dataset: str = "refcoco", split_by: str = "unc", image_size: int = 512,
-                 val_split: str = "val", test_split: str = "val", batch_size: int = 4, num_workers: int = 0,
-                 eval_batch_size: int | None = None) -> None:
+                 val_split: str = "val", test_split: str = "val", sentence_field: str = "sent", batch_size: int = 4,
+                 num_workers: int = 0, eval_batch_size: int | None = None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         if dataset not in DATASETS:
@@ -209,10 +238,14 @@ class RefCOCODataModule(DenseDataModule):
                 raise FileNotFoundError(f"RefCOCO folder {path} does not exist. Expected layout:\n{LAYOUT}")
         self.dataset, self.split_by, self.image_size = dataset, split_by, image_size
         self.val_split, self.test_split = val_split, test_split
+        if sentence_field not in SENTENCE_FIELDS:
+            raise ValueError(f"sentence_field must be one of {SENTENCE_FIELDS}, got {sentence_field!r}")
+        self.sentence_field = sentence_field
 
     def build(self) -> dict[str, Dataset]:
         def make(split: str, train: bool = False) -> RefCOCODataset:
-            return RefCOCODataset(self.root, self.dataset, self.split_by, split, train, self.image_size)
+            return RefCOCODataset(self.root, self.dataset, self.split_by, split, train, self.image_size,
+                                  self.sentence_field)
 
         test = make(self.test_split)
         return {"train": make("train", True), "val": make(self.val_split), "test": test, "predict": test}

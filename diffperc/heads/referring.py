@@ -8,7 +8,7 @@ sentence's cross-attention maps appended (neck dims [320, 680, 1320, 1280] for 4
 Starting from the deepest map, each step upsamples the running map (bilinear, align_corners=True)
 to the next finer map, concatenates them and applies two 3x3 conv-BN-ReLU blocks; a 1x1 conv gives
 the logits, resized bilinearly (align_corners=True) to the output size. VPD's hidden width is
-dims[-1] // 2 = 640; here it is an argument.
+dims[-1] // 2 = 640, half the deepest map's channels (the default here).
 """
 
 from __future__ import annotations
@@ -38,14 +38,17 @@ class RefSegDecoder(nn.Module):
         in_channels: channels of each feature map, in the order the maps are passed (with VPD,
             after :func:`~diffperc.heads.vpd.concat_attention` of the sentence's attention maps).
         reductions: image size / map size of each map.
-        hidden: width of the fusion blocks (VPD: 640).
+        hidden: width of the fusion blocks; None = the deepest map's channels // 2 (VPD's
+            ``SimpleDecoding(dims, factor=2)``: 1280 // 2 = 640).
         num_classes: output channels (2: background, referred object).
     """
 
-    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], hidden: int = 256,
+    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], hidden: int | None = None,
                  num_classes: int = 2) -> None:
         super().__init__()
         self.order = levels_by_reduction(in_channels, reductions, "RefSegDecoder")[::-1]  # deepest first
+        if hidden is None:
+            hidden = max(1, list(in_channels)[self.order[0]] // 2)
         if hidden < 1 or num_classes < 1:
             raise ValueError(f"RefSegDecoder: hidden and num_classes must be >= 1, got {hidden}, {num_classes}")
         self.in_channels, self.reductions = list(in_channels), list(reductions)

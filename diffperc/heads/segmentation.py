@@ -2,14 +2,16 @@
 
 Semantic FPN: Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019 (arXiv 1901.02446);
 FPN: Lin et al., CVPR 2017 (arXiv 1612.03144). VPD (github.com/wl-zhao/VPD,
-segmentation/configs/fpn_vpd_sd1-5_512x512_gpu8x2.py) runs mmsegmentation's ``FPN`` neck
+segmentation/configs/fpn_vpd_sd1-5_512x512_gpu8x2.py) runs mmsegmentation 0.30's ``FPN`` neck
 (in_channels [320, 790, 1430, 1280] = SD taps + 150 attention channels at 1/16 and 1/32,
-out_channels 256) and ``FPNHead`` (configs/_base_/models/fpn_r50.py: 128 channels, BN, dropout 0.1).
+out_channels 256) and ``FPNHead`` with VPD's own ``segmentation/configs/_base_/models/fpn_r50.py``:
+**256** channels (mmseg's copy of that file says 128), SyncBN, dropout 0.1, align_corners False.
 
 Neck: 1x1 lateral convs to ``channels``, top-down pathway (coarser level upsampled by nearest
-neighbour and added), a 3x3 conv on each level. Head: on each level, max(1, log2(r_i / r_0)) blocks
-of 3x3 conv-BN-ReLU each followed by 2x bilinear upsampling (none on the finest level), the levels
-summed on the finest grid, dropout, 1x1 conv to K classes, bilinear resize to the output size.
+neighbour and added), a 3x3 conv on each level (convs with bias, Xavier-uniform init as mmseg).
+Head: on each level, max(1, log2(r_i / r_0)) blocks of 3x3 conv-BN-ReLU (no conv bias, Kaiming
+init) each followed by 2x bilinear upsampling (none on the finest level), the levels summed on the
+finest grid, dropout, 1x1 conv to K classes (normal init, std 0.01), bilinear resize to the output size.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ class SemanticFPNHead(nn.Module):
             after :func:`~diffperc.heads.vpd.concat_attention`; see ``vpd_in_channels``).
         reductions: image size / map size of each map.
         num_classes: K.
-        channels: FPN neck width (mmseg / VPD: 256).
+        channels: FPN neck width (VPD: 256).
         dropout: Dropout2d probability before the classifier (mmseg: 0.1).
-        head_channels: width of the per-level scale heads; None = channels // 2 (mmseg: 128).
+        head_channels: width of the per-level scale heads; None = ``channels`` (VPD's fpn_r50.py:
+            256; mmseg's own copy: 128).
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class SemanticFPNHead(nn.Module):
             raise ValueError(f"SemanticFPNHead: num_classes must be >= 1, got {num_classes}")
         if not 0 <= dropout < 1:
             raise ValueError(f"SemanticFPNHead: dropout must be in [0, 1), got {dropout}")
-        head_channels = max(1, channels // 2) if head_channels is None else head_channels
+        head_channels = channels if head_channels is None else head_channels
         if channels < 1 or head_channels < 1:
             raise ValueError(f"SemanticFPNHead: channels and head_channels must be >= 1, got {channels}, "
                              f"{head_channels}")
@@ -73,7 +76,21 @@ class SemanticFPNHead(nn.Module):
             self.scale_heads.append(nn.Sequential(*blocks))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
-        nn.init.normal_(self.classifier.weight, std=0.01)  # mmseg's BaseDecodeHead init
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # mmseg 0.30: FPN init_cfg Xavier(uniform) on its convs, bias 0; ConvModule + norm: Kaiming
+        # normal (fan_out, relu), norm weight 1 / bias 0; BaseDecodeHead: conv_seg Normal(std 0.01), bias 0
+        for m in [*self.lateral, *self.fpn]:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        for m in self.scale_heads.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
     def neck(self, features: list[Tensor]) -> list[Tensor]:

@@ -7,24 +7,28 @@ ADE20K class-name embeddings through a text adapter, cross-attention maps of red
 appended to the features, Semantic FPN, UNet at 0.1x lr)::
 
     custom_imports = dict(imports=["diffperc.integrations.mmseg"], allow_failed_imports=False)
-    data_preprocessor = dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
-                             std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
-                             size=(512, 512))
+    data_preprocessor = dict(type="SegDataPreProcessor", mean=[127.5] * 3, std=[127.5] * 3,
+                             bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=(512, 512))
     model = dict(
         type="EncoderDecoder", data_preprocessor=data_preprocessor,
         backbone=dict(type="DiffPercBackbone", model="sd15", layers="vpd", timestep=1, add_noise=False,
-                      trainable=True, mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                      scale_latents=False, trainable=True, mean=[127.5] * 3, std=[127.5] * 3,
                       class_names=ADE20K_CLASSES, text_adapter=True, concat_attention=True,
                       attention_reductions=[16, 32]),
         neck=dict(type="FPN", in_channels=[320, 790, 1430, 1280], out_channels=256, num_outs=4),
         decode_head=dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3],
-                         feature_strides=[8, 16, 32, 64], channels=128, num_classes=150, dropout_ratio=0.1,
-                         norm_cfg=dict(type="GN", num_groups=32, requires_grad=True), align_corners=False,
+                         feature_strides=[8, 16, 32, 64], channels=256, num_classes=150, dropout_ratio=0.1,
+                         norm_cfg=dict(type="SyncBN", requires_grad=True), align_corners=False,
                          loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
         test_cfg=dict(mode="slide", crop_size=(512, 512), stride=(341, 341)))
     optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=8e-5, weight_decay=1e-3),
-                         paramwise_cfg=dict(custom_keys={"backbone.model.unet": dict(lr_mult=0.1)}))
+                         paramwise_cfg=dict(custom_keys={"backbone.model.unet": dict(lr_mult=0.1),
+                                                         "norm": dict(decay_mult=0.0)}))
 
+(VPD's own settings: mean = std = 127.5 (its VQ-GAN normalisation), unscaled latents, FPNHead
+channels 256 with SyncBN. Note that mmcv sorts ``custom_keys`` by length, so here the longer UNet
+key wins over ``"norm"``, unlike VPD's ``{'unet', 'norm'}`` where ``'norm'`` wins for the UNet's
+transformer norms; see ``diffperc.tasks._dense.vpd_param_group``.)
 (``ADE20K_CLASSES`` from ``diffperc.data.ade20k``; ``backbone.out_channels`` gives the neck's
 ``in_channels``.) Without ``trainable=True`` the UNet is frozen and runs under no_grad: only the
 neck and head train.

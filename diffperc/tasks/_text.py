@@ -8,17 +8,20 @@ VPD (Zhao et al., ICCV 2023, arXiv 2303.02153; repo wl-zhao/VPD) conditions the 
 - referring segmentation: the sentence's token embeddings (frozen text encoder ``last_hidden_state``,
   40 tokens for RefCOCO/RefCOCO+, 77 for G-Ref).
 The pooled output is the final hidden state of the end-of-text token (after the final layer norm).
+VPD ships the tables it trained with (``segmentation/class_embeddings.pth``, 150 x 768, and
+``depth/nyu_class_embeddings.pth``, 27 x 768); :func:`load_embedding_table` reads them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_TEMPLATES", "class_embeddings", "encode_sentences"]
+__all__ = ["IMAGENET_TEMPLATES", "class_embeddings", "encode_sentences", "load_embedding_table"]
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot evaluation (Radford et al., 2021), in the
 # order of VPD's dump script.
@@ -110,3 +113,23 @@ def encode_sentences(text_encoder: nn.Module, tokenizer: Any, sentences: Sequenc
     device = next(text_encoder.parameters()).device
     ids = _tokenize(tokenizer, sentences, max_length, device)
     return text_encoder(input_ids=ids).last_hidden_state.float()
+
+
+def load_embedding_table(path: str | Path, num: int, dim: int) -> Tensor:
+    """A (num, dim) embedding table saved with ``torch.save`` (VPD's ``class_embeddings.pth``), as float32 on CPU.
+
+    Read with ``weights_only=True``; a missing file, another object or another shape is an error
+    naming the path.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"class embeddings file {path} does not exist (VPD ships segmentation/"
+                                "class_embeddings.pth and depth/nyu_class_embeddings.pth)")
+    table = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(table, Tensor) or table.ndim != 2:
+        raise ValueError(f"{path} must hold one (K, D) tensor, got {type(table).__name__} "
+                         f"{tuple(table.shape) if isinstance(table, Tensor) else ''}")
+    if tuple(table.shape) != (num, dim):
+        raise ValueError(f"{path} holds a {tuple(table.shape)} table; expected ({num}, {dim}): one row per "
+                         f"class/scene name and the UNet's cross_attention_dim")
+    return table.float()

@@ -1,10 +1,11 @@
 """Monocular metric depth, VPD recipe (Zhao et al., ICCV 2023, arXiv 2303.02153; repo wl-zhao/VPD ``depth/``).
 
-The UNet (t = 1, no noise, fine-tuned at a low lr) is conditioned on one token per image: the
-embedding of the image's scene (NYUv2: 27 scenes) refined by VPD's text adapter; its four
-decoder taps go to :class:`~diffperc.heads.depth.VPDDepthHead` (sigmoid x max_depth). Loss:
-SiLog (lambda 0.5, square-root form). Evaluation as VPD's ``test.sh``: flip TTA, optional
-shift windows, Eigen crop, 1e-3 < gt < 10 m (ANCHORS.md section 1 and A6).
+The UNet (t = 1, no noise, unscaled posterior-mode latents, fine-tuned at a low lr) is
+conditioned on one token per image: the embedding of the image's scene (NYUv2: 27 scenes) refined
+by VPD's text adapter; its four decoder taps go to :class:`~diffperc.heads.depth.VPDDepthHead`
+(fused map cropped to the unpadded image before decoding, sigmoid x max_depth). Loss: SiLog
+(lambda 0.5, square-root form). Evaluation as VPD's ``test.sh``: flip TTA, optional shift
+windows, Eigen crop, 1e-3 < gt < 10 m (ANCHORS.md section 1 and A6).
 
     diffperc fit  --config configs/depth/nyu_vpd_sd15.yaml
     diffperc test --config configs/depth/nyu_vpd_sd15.yaml --ckpt_path <...>.ckpt
@@ -56,7 +57,7 @@ class DepthTask(DenseTask):
 
     Args:
         backbone, backbone_kwargs, optimizer, backbone_lr_mult: see :class:`PerceptionTask`
-            (VPD: ``sd15``, ``{layers: vpd, timestep: 1, add_noise: false, trainable: true}``,
+            (VPD: ``sd15``; ``backbone_kwargs=None`` = :data:`~diffperc.tasks._dense.VPD_BACKBONE`;
             AdamW, UNet at 0.01x).
         max_depth: output range (0, max_depth) metres (VPD NYUv2: 10).
         min_depth_eval, max_depth_eval: ground truth evaluated where min < gt < max (VPD: 1e-3, 10).
@@ -71,10 +72,14 @@ class DepthTask(DenseTask):
             (else one generic scene, "room").
         templates: prompt templates averaged per scene; None = the 80 ImageNet templates (VPD).
         prompt_max_length: tokens per template prompt (VPD: 20).
+        class_embeddings_path: a (S, D) table to use instead of computing one from the scene
+            names, e.g. VPD's released ``depth/nyu_class_embeddings.pth`` (rows in ``NYU_SCENES`` order).
         silog_lambda: lambda of the SiLog loss (VPD: 0.5).
-        neck_channels, deconv_channels, num_deconv, decoder_channels: head sizes (VPD: 1536, 32, 3, 192).
+        neck_channels, deconv_channels, num_deconv, decoder_channels, num_upsample: head sizes
+            (VPD: 1536, 32, 3, 192, 2).
         lr_schedule ... ramp_fraction, output_dir: see :class:`~diffperc.tasks._dense.DenseTask`.
-        decay_1d: weight decay on 1-d parameters too (VPD depth: no, biases and 1-d parameters are exempt).
+        optimizer_groups: ``"vpd_depth"`` (VPD's ``optimizer.py``: 1-d and bias parameters without
+            weight decay, the UNet at ``backbone_lr_mult``).
         save_raw: ``predict`` also writes ``<name>_mm.png``, 16-bit depth in millimetres.
     """
 
@@ -83,14 +88,15 @@ class DepthTask(DenseTask):
         min_depth_eval: float = 1e-3, max_depth_eval: float = 10.0,
         eval_crop: Literal["auto", "eigen", "none"] = "auto", flip_test: bool = True, shift_windows: int = 0,
         scene_names: list[str] | None = None, templates: list[str] | None = None, prompt_max_length: int = 20,
-        silog_lambda: float = 0.5, neck_channels: int = 1536, deconv_channels: int = 32, num_deconv: int = 3,
-        decoder_channels: int = 192, optimizer: OptimizerCallable = torch.optim.AdamW,
-        backbone_lr_mult: float = 0.01, lr_schedule: str = "vpd_depth", warmup_steps: int = 0,
-        warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr_ratio: float = 0.06, ramp_fraction: float = 0.48,
-        output_dir: str | None = None, decay_1d: bool = False, save_raw: bool = True,
+        class_embeddings_path: str | None = None, silog_lambda: float = 0.5, neck_channels: int = 1536,
+        deconv_channels: int = 32, num_deconv: int = 3, decoder_channels: int = 192, num_upsample: int = 2,
+        optimizer: OptimizerCallable = torch.optim.AdamW, backbone_lr_mult: float = 0.01,
+        lr_schedule: str = "vpd_depth", warmup_steps: int = 0, warmup_ratio: float = 1e-6, poly_power: float = 0.9,
+        min_lr_ratio: float = 0.06, ramp_fraction: float = 0.48, output_dir: str | None = None,
+        optimizer_groups: str = "vpd_depth", save_raw: bool = True,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult, lr_schedule, warmup_steps,
-                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, decay_1d)
+                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, optimizer_groups)
         if eval_crop not in ("auto", "eigen", "none"):
             raise ValueError(f"eval_crop must be 'auto', 'eigen' or 'none', got {eval_crop!r}")
         if shift_windows < 0 or shift_windows == 1:
@@ -100,12 +106,12 @@ class DepthTask(DenseTask):
         self.max_depth, self.flip_test, self.shift_windows = float(max_depth), flip_test, shift_windows
         self.scene_names = list(scene_names) if scene_names is not None else None
         self.templates, self.prompt_max_length, self.silog_lambda = templates, prompt_max_length, silog_lambda
-        self.save_raw = save_raw
+        self.class_embeddings_path, self.save_raw = class_embeddings_path, save_raw
         info = self.backbone.feature_info
         self.adapter = TextAdapter(self.backbone.unet.config.cross_attention_dim)
         self.head = VPDDepthHead(self.head_in_channels(1), info.reductions(), neck_channels=neck_channels,
                                  deconv_channels=deconv_channels, num_deconv=num_deconv, max_depth=max_depth,
-                                 decoder_channels=decoder_channels)
+                                 decoder_channels=decoder_channels, num_upsample=num_upsample)
         self.val_metrics = _AutoCropDepthMetrics(min_depth_eval, max_depth_eval, eval_crop)
         self.test_metrics = _AutoCropDepthMetrics(min_depth_eval, max_depth_eval, eval_crop)
 
@@ -123,7 +129,8 @@ class DepthTask(DenseTask):
     def scene_prompts(self, scene: Tensor | None, batch: int) -> Tensor:
         """(B,) scene indices (None = 0) -> (B, 1, D) adapted scene embeddings (one token per image)."""
         names = self.scene_names or ["room"]
-        table = self.adapter(self.prompt_table(names, self.templates, self.prompt_max_length))  # (S, D)
+        table = self.adapter(self.prompt_table(names, self.templates, self.prompt_max_length,
+                                               self.class_embeddings_path))  # (S, D)
         if scene is None:
             scene = torch.zeros(batch, dtype=torch.long, device=table.device)
         scene = torch.as_tensor(scene, device=table.device).long().view(-1)
@@ -136,12 +143,12 @@ class DepthTask(DenseTask):
     def forward(self, images: Tensor, scene: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) in [0, 1] (+ (B,) scene ids) -> depth (B, 1, H, W) in metres.
 
-        The image is padded (grey) to the backbone's size multiple, as VPD pads 480 to 512, and
-        the prediction cropped back.
+        The image is padded (grey) to the backbone's size multiple, as VPD pads 480 to 512; the
+        head crops the fused map to the image before decoding (VPD ``model.py``).
         """
         h, w = images.shape[-2:]
-        feats, size = self.dense_features(images, self.scene_prompts(scene, len(images)))
-        return self.head(feats, size)[..., :h, :w]
+        feats, _ = self.dense_features(images, self.scene_prompts(scene, len(images)))
+        return self.head(feats, (h, w))
 
     def _flip_tta(self, images: Tensor, scene: Tensor | None) -> Tensor:
         if not self.flip_test:

@@ -2,7 +2,7 @@
 
 The sentence's token embeddings (frozen text encoder ``last_hidden_state``, 40 tokens for
 RefCOCO/RefCOCO+, 77 for G-Ref) go through VPD's text adapter into the UNet (t = 1, no noise,
-fine-tuned); the cross-attention maps of the tokens at 1/16 and 1/32 are concatenated to the
+unscaled posterior-mode latents, fine-tuned); the cross-attention maps of the tokens at 1/16 and 1/32 are concatenated to the
 features there, and a LAVT-style top-down decoder gives background/object logits
 (cross-entropy with class weights 0.9 / 1.1, as ``refer/train.py``). Metrics: overall IoU, mean
 IoU, precision@0.5..0.9 (LAVT). ANCHORS.md section 1.
@@ -24,7 +24,7 @@ from .. import viz
 from ..heads.referring import RefSegDecoder
 from ..heads.vpd import TextAdapter
 from ..metrics import RefSegMetrics
-from ._dense import DenseTask
+from ._dense import VPD_BACKBONE_ATTENTION, DenseTask
 from ._text import encode_sentences
 
 __all__ = ["RefSegTask"]
@@ -40,26 +40,29 @@ class RefSegTask(DenseTask):
 
     Args:
         backbone, backbone_kwargs, optimizer, backbone_lr_mult: see :class:`PerceptionTask`
-            (VPD: ``sd15`` with ``{layers: vpd, timestep: 1, add_noise: false, trainable: true,
-            attention: true, attention_resolutions: [16, 32]}``, AdamW).
+            (VPD: ``sd15``; ``backbone_kwargs=None`` =
+            :data:`~diffperc.tasks._dense.VPD_BACKBONE_ATTENTION`; AdamW).
         max_tokens: tokens per sentence, padded/truncated (VPD: 40 RefCOCO/+, 77 G-Ref); also
             the number of attention channels.
-        hidden: decoder width.
+        hidden: decoder width; None = half the deepest map's channels (VPD: 640).
         class_weights: cross-entropy weights of background and object (VPD: 0.9, 1.1); None = equal.
         lr_schedule ... output_dir: see :class:`~diffperc.tasks._dense.DenseTask` (VPD: poly 0.9 per
             iteration, no warm-up).
-        decay_1d: weight decay on 1-d parameters too (VPD refer exempts norm layers: no).
+        optimizer_groups: ``"vpd_refseg"`` (``refer/train.py``: only the UNet's transformer norms
+            without weight decay; see ``vpd_param_group``).
     """
+
+    DEFAULT_BACKBONE_KWARGS = VPD_BACKBONE_ATTENTION
 
     def __init__(
         self, backbone: str = "sd15", backbone_kwargs: dict[str, Any] | None = None, max_tokens: int = 40,
-        hidden: int = 640, class_weights: tuple[float, float] | None = (0.9, 1.1),
+        hidden: int | None = None, class_weights: tuple[float, float] | None = (0.9, 1.1),
         optimizer: OptimizerCallable = torch.optim.AdamW, backbone_lr_mult: float = 1.0, lr_schedule: str = "poly",
         warmup_steps: int = 0, warmup_ratio: float = 1e-6, poly_power: float = 0.9, min_lr_ratio: float = 0.0,
-        ramp_fraction: float = 0.48, output_dir: str | None = None, decay_1d: bool = False,
+        ramp_fraction: float = 0.48, output_dir: str | None = None, optimizer_groups: str = "vpd_refseg",
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult, lr_schedule, warmup_steps,
-                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, decay_1d)
+                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, optimizer_groups)
         limit = self.backbone.text_encoder.config.max_position_embeddings
         if not 2 <= max_tokens <= limit:
             raise ValueError(f"max_tokens must be in [2, {limit}] (the text encoder's positions), got {max_tokens}")

@@ -1,10 +1,12 @@
 """Semantic segmentation, VPD recipe (Zhao et al., ICCV 2023, arXiv 2303.02153; repo wl-zhao/VPD ``segmentation/``).
 
-The UNet (t = 1, no noise, fine-tuned at 0.1x lr) is conditioned on the K class-name
-embeddings refined by VPD's text adapter; the averaged cross-attention maps of the K tokens at
-1/16 and 1/32 are concatenated to the UNet features there, and a Semantic FPN head predicts
-the classes (cross-entropy, ignore 255). Evaluation: mIoU and pixel accuracy (mmseg), with
-mmseg's sliding-window inference (crop 512, stride 341, logits averaged). ANCHORS.md section 1.
+The UNet (t = 1, no noise, unscaled posterior-mode latents, fine-tuned at 0.1x lr) is
+conditioned on the K class-name embeddings refined by VPD's text adapter; the averaged
+cross-attention maps of the K tokens at 1/16 and 1/32 are concatenated to the UNet features
+there, and a Semantic FPN head predicts the classes (cross-entropy, ignore 255, averaged over all
+pixels as mmseg 0.30). Evaluation: mIoU and pixel accuracy (mmseg), with mmseg's sliding-window
+inference (crop 512, stride 341, logits averaged), logits resized to the label map (ADE20K: the
+annotation's original size) before the argmax. ANCHORS.md section 1.
 
     diffperc fit  --config configs/semseg/ade20k_vpd_sd15.yaml
 """
@@ -22,7 +24,7 @@ from .. import viz
 from ..heads.segmentation import SemanticFPNHead
 from ..heads.vpd import TextAdapter
 from ..metrics import SegMetrics
-from ._dense import DenseTask
+from ._dense import VPD_BACKBONE_ATTENTION, DenseTask
 
 __all__ = ["SemSegTask", "slide_windows"]
 
@@ -52,32 +54,40 @@ class SemSegTask(DenseTask):
 
     Args:
         backbone, backbone_kwargs, optimizer, backbone_lr_mult: see :class:`PerceptionTask`
-            (VPD: ``sd15`` with ``{layers: vpd, timestep: 1, add_noise: false, trainable: true,
-            attention: true, attention_resolutions: [16, 32]}``, AdamW, UNet at 0.1x).
+            (VPD: ``sd15``; ``backbone_kwargs=None`` =
+            :data:`~diffperc.tasks._dense.VPD_BACKBONE_ATTENTION`; AdamW, UNet at 0.1x).
         num_classes: K (ADE20K: 150); also the number of prompt tokens.
         class_names: K names to embed; None = the datamodule's ``class_names``.
         templates, prompt_max_length: see :func:`~diffperc.tasks._text.class_embeddings`
             (None = the 80 ImageNet templates; 20 tokens).
+        class_embeddings_path: a (K, D) table to use instead of computing one from the names, e.g.
+            VPD's released ``segmentation/class_embeddings.pth`` (ADE20K label order).
         ignore_index: label without loss or score (255).
-        fpn_channels, head_channels, dropout: Semantic FPN sizes (mmseg: 256, 128, 0.1).
+        loss_avg_non_ignore: average the cross-entropy over labelled pixels only (torch's
+            default). False (mmseg 0.30's ``avg_non_ignore=False``, VPD): over all pixels, ignored
+            ones counting 0.
+        fpn_channels, head_channels, dropout: Semantic FPN sizes (VPD: 256, 256, 0.1; None = fpn_channels).
         slide_crop, slide_stride: sliding-window inference at val/test/predict when the image is
             larger than the crop (mmseg ADE20K: 512, 341); ``slide_crop: null`` = whole image.
         lr_schedule ... output_dir: see :class:`~diffperc.tasks._dense.DenseTask` (VPD: poly,
             power 1, 1,500 warm-up iterations).
-        decay_1d: weight decay on 1-d parameters too (mmseg's default without a paramwise_cfg: yes).
+        optimizer_groups: ``"vpd_semseg"`` (VPD's mmcv ``custom_keys``; see ``vpd_param_group``).
     """
+
+    DEFAULT_BACKBONE_KWARGS = VPD_BACKBONE_ATTENTION
 
     def __init__(
         self, backbone: str = "sd15", backbone_kwargs: dict[str, Any] | None = None, num_classes: int = 150,
         class_names: list[str] | None = None, templates: list[str] | None = None, prompt_max_length: int = 20,
-        ignore_index: int = 255, fpn_channels: int = 256, head_channels: int | None = None, dropout: float = 0.1,
+        class_embeddings_path: str | None = None, ignore_index: int = 255, loss_avg_non_ignore: bool = False,
+        fpn_channels: int = 256, head_channels: int | None = None, dropout: float = 0.1,
         slide_crop: int | None = 512, slide_stride: int = 341, optimizer: OptimizerCallable = torch.optim.AdamW,
         backbone_lr_mult: float = 0.1, lr_schedule: str = "poly", warmup_steps: int = 1500,
         warmup_ratio: float = 1e-6, poly_power: float = 1.0, min_lr_ratio: float = 0.0, ramp_fraction: float = 0.48,
-        output_dir: str | None = None, decay_1d: bool = True,
+        output_dir: str | None = None, optimizer_groups: str = "vpd_semseg",
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, backbone_lr_mult, lr_schedule, warmup_steps,
-                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, decay_1d)
+                         warmup_ratio, poly_power, min_lr_ratio, ramp_fraction, output_dir, optimizer_groups)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
@@ -85,7 +95,8 @@ class SemSegTask(DenseTask):
         if slide_crop is not None and (slide_crop < 1 or not 1 <= slide_stride <= slide_crop):
             raise ValueError(f"need slide_crop >= 1 and 1 <= slide_stride <= slide_crop, got {slide_crop}, "
                              f"{slide_stride}")
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.loss_avg_non_ignore = num_classes, ignore_index, loss_avg_non_ignore
+        self.class_embeddings_path = class_embeddings_path
         self.class_names = list(class_names) if class_names is not None else None
         self.templates, self.prompt_max_length = templates, prompt_max_length
         self.slide_crop, self.slide_stride = slide_crop, slide_stride
@@ -112,7 +123,8 @@ class SemSegTask(DenseTask):
         if self.class_names is None:
             raise RuntimeError("SemSegTask has no class names yet: pass class_names or run it through a Trainer "
                                "with a datamodule that has class_names")
-        table = self.prompt_table(self.class_names, self.templates, self.prompt_max_length)  # (K, D)
+        table = self.prompt_table(self.class_names, self.templates, self.prompt_max_length,
+                                  self.class_embeddings_path)  # (K, D)
         return self.adapter(table)[None].expand(batch, -1, -1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -135,18 +147,27 @@ class SemSegTask(DenseTask):
         return logits / count
 
     # ------------------------------------------------------------------ steps
+    def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Cross-entropy of (B, K, H, W) logits against (B, H, W) labels (mmseg 0.30 reduction unless
+        ``loss_avg_non_ignore``)."""
+        if self.loss_avg_non_ignore:
+            return F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
+        per_pixel = F.cross_entropy(logits, mask, ignore_index=self.ignore_index, reduction="none")
+        return per_pixel.mean()  # ignored pixels count 0 in the mean (mmseg weight_reduce_loss, no avg_factor)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["mask"], ignore_index=self.ignore_index)
+        loss = self.loss(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         logits = self.predict_logits(batch["image"])
         mask = batch["mask"]
+        if logits.shape[-2:] != mask.shape[-2:]:  # mmseg: logits resized to the original size, then argmax
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
         if (mask != self.ignore_index).any():
-            self.log(f"{stage}/loss", F.cross_entropy(logits, mask, ignore_index=self.ignore_index),
-                     batch_size=len(logits))
+            self.log(f"{stage}/loss", self.loss(logits, mask), batch_size=len(logits))
         getattr(self, f"{stage}_metrics").update(logits.argmax(1), mask)
 
     def _log_metrics(self, stage: str) -> None:
