@@ -363,7 +363,7 @@ def test_task_dift_on_test_sd_matches_an_independent_run(tmp_path):
     res = task.results
     assert set(res) >= {"pck@0.1/per_image", "pck@0.05/per_keypoint", "cat/pck@0.01/per_image",
                         "pck@0.1/per_category_kpt_weighted"}
-    assert (task.cache.misses, task.cache.hits) == (3, 1)  # 3 distinct images; the self-pair's second image is a hit
+    assert (task.featurised, task.cache.hits) == (3, 1)  # 3 distinct images; the self-pair's second image is a hit
     # independent: same backbone, each image's noise seeded by crc32 of its path, brute-force matching, PCK by hand
     bb = create_backbone("test_sd", layers="dift", ensemble_size=2)
     batch = collate_pairs([dm.datasets["test"][i] for i in range(2)])
@@ -389,7 +389,7 @@ def test_task_dift_on_test_sd_matches_an_independent_run(tmp_path):
     _trainer(tmp_path).test(nocache, datamodule=CorrespondenceDataModule("spair", str(root), image_size=32,
                                                                          batch_size=2))
     assert nocache.results == res
-    assert nocache.cache.hits == nocache.cache.misses == 0
+    assert nocache.featurised == 4 and nocache.cache.hits == 0  # both images of both pairs
 
 
 def test_task_sd_dino_and_bad_arguments(tmp_path):

@@ -140,7 +140,7 @@ def test_dinov2_checkpoint_file_round_trip(tmp_path) -> None:
 # ---------------------------------------------------------------------- fusion
 @pytest.fixture(scope="module")
 def parts() -> tuple[torch.nn.Module, DINOv2Backbone]:
-    """One tiny SD (SD-DINO's up_blocks.0..2, t=100, attention on) and DINOv2, shared: building costs seconds."""
+    """One tiny SD (three block outputs, t=100, attention on) and DINOv2, shared: building costs seconds."""
     sd = create_backbone("test_sd", layers=["up_blocks.0", "up_blocks.1", "up_blocks.2"], timestep=100, attention=True)
     return sd, create_backbone("test_dinov2")
 

@@ -150,6 +150,7 @@ class CorrespondenceTask(PerceptionTask):
         rule = "sd_dino" if method == "sd_dino" else "dift"
         self.tallies = {stage: PCKTally(alphas, rule) for stage in ("val", "test")}
         self.cache = _FeatureCache(feature_cache_mb)
+        self.featurised = 0  # images computed (not served by the cache) in the current epoch
         self.results: dict[str, float] = {}
         self._saved = 0
 
@@ -170,6 +171,7 @@ class CorrespondenceTask(PerceptionTask):
         if cached is not None:
             return tuple(t.to(self.device) for t in cached)
         gen = torch.Generator(device=self.device).manual_seed(image_seed(self.seed, image_id))
+        self.featurised += 1
         with torch.no_grad():
             if self.method == "dift":
                 out = (self.backbone(image[None], prompts=[prompt], generator=gen).features[self.feature_index][0],)
@@ -252,7 +254,7 @@ class CorrespondenceTask(PerceptionTask):
     def _epoch_start(self, stage: str) -> None:
         self.tallies[stage].reset()
         self.cache.clear()
-        self._saved = 0
+        self.featurised = self._saved = 0
 
     def _epoch_end(self, stage: str) -> None:
         tally = self.tallies[stage]
@@ -263,7 +265,7 @@ class CorrespondenceTask(PerceptionTask):
         for key, value in res.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == f"pck@{tally.alphas[0]:g}/per_image")
         self.print(f"\n{stage} PCK (%) over {len(tally.pairs)} pairs; img = per image, kpt = per keypoint; "
-                   f"{self.cache.misses} images featurised, {self.cache.hits} cache hits\n" + tally.table())
+                   f"{self.featurised} images featurised, {self.cache.hits} cache hits\n" + tally.table())
         write = self.output_dir is not None or not self.trainer.fast_dev_run  # smoke runs leave no files behind
         if stage == "test" and self.trainer.is_global_zero and write:
             write_text_atomic(self._out_dir() / "pck.json", json.dumps({"pairs": len(tally.pairs), **res}, indent=1))
