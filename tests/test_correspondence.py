@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,15 @@ from diffperc.tasks.correspondence import CorrespondenceTask
 from diffperc.zeroshot import correspond_cli
 from diffperc.zeroshot.correspondence import (
     PCKTally,
+    from_frame,
+    match_patches,
     match_points,
     mutual_nn,
     pck,
     pck_correct,
     pck_threshold,
     sd_dino_descriptors,
+    to_frame,
     upsampled_rows,
 )
 
@@ -98,13 +102,58 @@ def test_shifted_copy_gives_the_exact_shift():
     assert (soft - expected).abs().max() < 0.5  # window soft-argmax stays at a sharp peak
 
 
-def test_sd_dino_descriptors_shapes_and_norms():
+def test_sd_dino_descriptors_shapes_norms_and_chain():
     sd_s = [torch.randn(16, 2, 2), torch.randn(16, 4, 4), torch.randn(8, 8, 8)]
     sd_t = [torch.randn(16, 2, 2), torch.randn(16, 4, 4), torch.randn(8, 8, 8)]
-    ds, dt = sd_dino_descriptors(sd_s, sd_t, torch.randn(32, 4, 4), torch.randn(32, 4, 4), pca_dims=4)
-    assert ds.shape == dt.shape == (4 + 4 + 4 + 32, 4, 4)
-    torch.testing.assert_close(ds[:12].norm(dim=0), torch.full((4, 4), 0.5))  # SD part weight 0.5
-    torch.testing.assert_close(dt[12:].norm(dim=0), torch.full((4, 4), 0.5))  # DINOv2 part weight 0.5
+    dino_s, dino_t = torch.randn(32, 8, 8), torch.randn(32, 8, 8)
+    torch.manual_seed(0)
+    ds, dt = sd_dino_descriptors(sd_s, sd_t, dino_s, dino_t, pca_dims=[4, 3, 2])
+    assert ds.shape == dt.shape == (2 + 3 + 4 + 32, 8, 8)  # channels [s3, s4, s5, dino]
+    torch.testing.assert_close(ds[:9].norm(dim=0), torch.ones(8, 8))  # SD-DINO's code weights: 1 and 1
+    torch.testing.assert_close(dt[9:], F.normalize(dino_t, dim=0))
+    half = sd_dino_descriptors(sd_s, sd_t, dino_s, dino_t, pca_dims=[4, 3, 2], weights=(0.5, 0.5))[0]
+    torch.testing.assert_close(half[9:].norm(dim=0), torch.full((8, 8), 0.5))
+    # independent chain: PCA by hand (same RNG draws), s5 -> s4 grid, then -> s3 grid, two bilinear steps
+    torch.manual_seed(0)
+    red = []
+    for a, b, q in zip(sd_s, sd_t, [4, 3, 2], strict=True):
+        x = torch.cat([a.flatten(1), b.flatten(1)], 1).T
+        x = x - x.mean(0, keepdim=True)
+        red.append((x @ torch.pca_lowrank(x, q=q)[2][:, :q]).T[:, : a[0].numel()].reshape(q, *a.shape[1:]))
+    s5_4 = F.interpolate(red[0][None], size=(4, 4), mode="bilinear", align_corners=False)[0]
+    s54_3 = F.interpolate(torch.cat([red[1], s5_4])[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
+    sd = torch.cat([red[2], s54_3])
+    torch.testing.assert_close(ds[:9], sd / sd.norm(dim=0, keepdim=True), rtol=1e-5, atol=1e-6)
+    one_step = F.interpolate(red[0][None], size=(8, 8), mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(s54_3[3:], one_step, atol=1e-3)  # the two-step chain is not one resize
+
+
+def test_match_patches_is_the_nearest_patch_centre():
+    gen = torch.Generator().manual_seed(0)
+    src, trg = torch.randn(6, 5, 4, generator=gen), torch.randn(6, 5, 4, generator=gen)  # a 5x4 grid of 14 px patches
+    trg[:, 3, 1] = src[:, 1, 2] + 1e-3  # the patch under (x, y) = (30, 20) has a near twin at row 3, column 1
+    pts = torch.tensor([[30.0, 20.0], [0.0, 0.0], [55.9, 69.9], [41.99, 14.0]])
+    got = match_patches(src, trg, pts, (70, 56))
+    assert got[0].tolist() == [1 * 14 + 6.5, 3 * 14 + 6.5]  # p * 14 + 14 // 2 - 0.5
+    for p, g in zip(pts, got, strict=True):  # brute force: L2 over all target patches from trunc(g / H * y), trunc(g / W * x)
+        cell = src[:, int(p[1] * 5 / 70), int(p[0] * 4 / 56)]
+        d = (trg.flatten(1) - cell[:, None]).norm(dim=0)
+        best = int(d.argmin())
+        assert g.tolist() == [best % 4 * 14 + 6.5, best // 4 * 14 + 6.5]
+    cos = match_patches(src, trg * torch.rand(1, 5, 4, generator=gen) * 5, pts, (70, 56), distance="cos")
+    assert cos[0].tolist() == got[0].tolist()  # cosine ignores the target norms
+    with pytest.raises(ValueError, match="grid times one patch side"):
+        match_patches(src, trg, pts, (70, 50))
+    with pytest.raises(ValueError, match="distance must be"):
+        match_patches(src, trg, pts, (70, 56), distance="l1")
+
+
+def test_frames_round_trip():
+    pts = torch.tensor([[0.0, 0.0], [299.0, 199.0], [12.5, 3.25]])
+    frame = (2.8, 2.8, 0.0, 140.0)  # 300x200 letterboxed into 840: scale 2.8, 140 px top padding
+    inside = to_frame(pts, frame)
+    assert inside[1].tolist() == [pytest.approx(837.2, abs=1e-4), pytest.approx(697.2, abs=1e-4)]
+    torch.testing.assert_close(from_frame(inside, frame), pts)
 
 
 def test_match_points_bad_input():
@@ -127,7 +176,12 @@ def test_pck_per_keypoint_vs_per_image_and_references():
     pred_a = gt_a + torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [12.0, 16.0]])  # errors 0, 5, 10, 20
     bbox = torch.tensor([10.0, 5.0, 110.0, 55.0])  # 100 x 50 -> side 100 -> 10 px at alpha 0.1
     assert pck_threshold(bbox) == 100 and pck_threshold((200, 120)) == 200
-    assert pck_correct(pred_a, gt_a, bbox, 0.1).tolist() == [True, True, True, False]  # <= is correct
+    assert pck_correct(pred_a, gt_a, bbox, 0.1).tolist() == [True, True, True, False]  # DIFT: <= is correct
+    assert pck_correct(pred_a, gt_a, bbox, 0.1, rule="sd_dino").tolist() == [True, True, True, False]
+    edge = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 40.0]])  # error 40, side 80: exactly 0.5 x side
+    assert pck_correct(*edge, 80.0, 0.5).item() and not pck_correct(*edge, 80.0, 0.5, rule="sd_dino").item()
+    edge = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 8.0]])  # 8 vs float32(0.1) x 80 = 8.0000001: correct
+    assert pck_correct(*edge, 80.0, 0.1, rule="sd_dino").item()
     assert pck(pred_a, gt_a, bbox, 0.1) == 0.75
     assert pck(pred_a, gt_a, (200, 120), 0.1) == 1.0  # image size (H, W): side 200 -> 20 px
     assert pck(pred_a, gt_a, bbox, 0.05) == 0.5
@@ -139,6 +193,11 @@ def test_pck_per_keypoint_vs_per_image_and_references():
     assert res["pck@0.1/per_image"] == pytest.approx((0.75 + 0.0) / 2)
     assert res["cat/pck@0.1/per_image"] == 0.75 and res["dog/pck@0.05/per_keypoint"] == 0.0
     assert "60.00" in tally.table() and "37.50" in tally.table()
+    tally.update(gt_a[:2], gt_a[:2], bbox, "cat")  # a second cat pair, both right: cat 5/6 per keypoint, dog 0/1
+    res = tally.compute()
+    assert res["pck@0.1/per_category_kpt"] == pytest.approx((5 / 6 + 0) / 2)  # SD-DINO's "Average"
+    assert res["pck@0.1/per_category_kpt_weighted"] == pytest.approx((2 * 5 / 6 + 1 * 0) / 3)  # its "Weighted"
+    assert "cat. weighted" in tally.table() and f"{100 * 5 / 9:.2f}" in tally.table()
     with pytest.raises(ValueError, match="x2 >= x1"):
         pck_threshold([10, 0, 5, 10])
     with pytest.raises(ValueError, match=r"pred and gt must both be \(N, 2\)"):
@@ -195,6 +254,41 @@ def test_spair_loader_reads_the_real_format(tmp_path):
     batch = collate_pairs([ds[0], ds[1]])
     assert batch["src_kps"].shape == (2, 3, 2) and batch["kps_valid"].tolist() == [[True] * 3, [True, True, False]]
     assert batch["kps_ids"][1].tolist() == [2, 3, -1] and batch["category"] == ["aeroplane", "cat"]
+
+
+def test_spair_letterbox_views_frames_ids_and_sampling(tmp_path):
+    root = make_spair(tmp_path / "SPair-71k")
+    ds = SPairDataset(root, "test", image_size=48, letterbox=True, dino_image_size=56)
+    it = ds[0]  # src 60x40 (W x H), trg 48x64
+    assert it["src_image"].shape == (3, 48, 48) and it["src_image_dino"].shape == (3, 56, 56)
+    assert it["src_frame"].tolist() == [0.8, 0.8, 0.0, 8.0]  # 48 / 60; height round(32): (48 - 32) // 2 on top
+    assert it["trg_frame"].tolist() == [0.75, 0.75, 6.0, 0.0]  # 48 / 64; width 36: 6 on the left
+    assert it["src_frame_dino"].tolist() == [56 / 60, 56 / 60, 0.0, 9.0]  # height round(37.33) = 37 -> 9
+    assert it["src_image"][:, :8].max() == 0 and it["src_image"][:, 40:].max() == 0  # black padding
+    assert it["src_image"][:, 8:40].mean() > 0.2
+    torch.testing.assert_close(it["src_kps"], it["src_kps_orig"] * 0.8 + torch.tensor([0.0, 8.0]))
+    assert it["src_id"] == str(root / "JPEGImages" / "aeroplane" / "2008_000001.jpg")
+    batch = collate_pairs([ds[0], ds[1]])
+    assert batch["trg_frame_dino"].shape == (2, 4) and batch["src_id"][1].endswith("2009_000003.jpg")
+    # pairs come by category then name; SD-DINO's --SAMPLE k draw: np.random.seed(42), choice(n, k) per category
+    more = make_spair(tmp_path / "more")
+    for k in range(4):  # three more aeroplane pairs, named to sort before and after the first one
+        src = more / "PairAnnotation" / "test" / "000001-2008_000001-2008_000002:aeroplane.json"
+        (src.parent / f"00000{k}-2008_00000{k}-x:aeroplane.json").write_text(src.read_text())
+    names = [r["name"] for r in SPairDataset(more, "test").records]
+    assert names == sorted(names[:-1]) + ["000002-2009_000003-2009_000003:cat"]
+    drawn = SPairDataset(more, "test", sample_per_category=3).records
+    np.random.seed(42)
+    want = [sorted(names[:-1])[i] for i in np.random.choice(len(names) - 1, 3)]
+    np.random.seed(42)
+    want += [names[-1] for _ in np.random.choice(1, 3)]
+    assert [r["name"] for r in drawn] == want
+    with pytest.raises(ValueError, match="square image_size"):
+        SPairDataset(root, "test", image_size=(48, 32), letterbox=True)
+    with pytest.raises(ValueError, match="sample_per_category must be >= 1"):
+        SPairDataset(root, "test", sample_per_category=0)
+    with pytest.raises(ValueError, match="PF-Pascal uses all pairs"):
+        CorrespondenceDataModule("pf_pascal", str(root), sample_per_category=5).make_dataset("test")
 
 
 def make_pf_pascal(root: Path, crlf: bool = False) -> Path:
@@ -267,16 +361,21 @@ def test_task_dift_on_test_sd_matches_an_independent_run(tmp_path):
     dm = CorrespondenceDataModule("spair", str(root), image_size=32, batch_size=2)
     _trainer(tmp_path).test(task, datamodule=dm)
     res = task.results
-    assert set(res) >= {"pck@0.1/per_image", "pck@0.05/per_keypoint", "cat/pck@0.01/per_image"}
-    # independent: same backbone, same seeded noise, brute-force matching, PCK by hand
+    assert set(res) >= {"pck@0.1/per_image", "pck@0.05/per_keypoint", "cat/pck@0.01/per_image",
+                        "pck@0.1/per_category_kpt_weighted"}
+    assert (task.featurised, task.cache.hits) == (3, 1)  # 3 distinct images; the self-pair's second image is a hit
+    # independent: same backbone, each image's noise seeded by crc32 of its path, brute-force matching, PCK by hand
     bb = create_backbone("test_sd", layers="dift", ensemble_size=2)
     batch = collate_pairs([dm.datasets["test"][i] for i in range(2)])
-    feats = bb(torch.cat([batch["src_image"], batch["trg_image"]]), generator=torch.Generator().manual_seed(0),
-               prompts=["a photo of a aeroplane", "a photo of a cat"] * 2).features[0]
     fracs = []
     for i in range(2):
+        feats = []
+        for side in ("src", "trg"):
+            gen = torch.Generator().manual_seed(zlib.crc32(batch[f"{side}_id"][i].encode()))
+            feats.append(bb(batch[f"{side}_image"][i : i + 1], prompts=[f"a photo of a {batch['category'][i]}"],
+                            generator=gen).features[0][0])
         n = int(batch["kps_valid"][i].sum())
-        sims = _brute_sims(feats[i], feats[2 + i], batch["src_kps_orig"][i][:n], batch["src_size"][i].tolist(),
+        sims = _brute_sims(feats[0], feats[1], batch["src_kps_orig"][i][:n], batch["src_size"][i].tolist(),
                            batch["trg_size"][i].tolist())
         w = int(batch["trg_size"][i][1])
         pred = torch.stack([sims.argmax(1) % w, sims.argmax(1) // w], 1).float()
@@ -285,6 +384,12 @@ def test_task_dift_on_test_sd_matches_an_independent_run(tmp_path):
     pngs = sorted((tmp_path / "out" / "matches").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size[0] > 64
     assert json.loads((tmp_path / "out" / "pck.json").read_text())["pairs"] == 2
+    # the cache changes nothing but the work: the same numbers without it
+    nocache = CorrespondenceTask("test_sd", {"layers": "dift", "ensemble_size": 2}, feature_cache_mb=0)
+    _trainer(tmp_path).test(nocache, datamodule=CorrespondenceDataModule("spair", str(root), image_size=32,
+                                                                         batch_size=2))
+    assert nocache.results == res
+    assert nocache.featurised == 4 and nocache.cache.hits == 0  # both images of both pairs
 
 
 def test_task_sd_dino_and_bad_arguments(tmp_path):
@@ -309,8 +414,8 @@ def test_configs_print_and_run_on_test_sd(config, tmp_path, capsys, monkeypatch)
     assert "class_path: diffperc.tasks.correspondence.CorrespondenceTask" in capsys.readouterr().out
     tiny = {"spair_dift_sd21.yaml": ["--model.init_args.backbone=test_sd"],
             "spair_sddino_sd15.yaml": ["--model.init_args.backbone=test_sd_dinov2",
-                                       '--model.init_args.backbone_kwargs={"dino_size": 28}',
-                                       "--model.init_args.pca_dims=4"]}[config.name]
+                                       '--model.init_args.backbone_kwargs={"sd_window": 32, "shared_noise_seed": 42}',
+                                       "--model.init_args.pca_dims=4", "--data.init_args.dino_image_size=56"]}[config.name]
     cli = cli_main(["test", "--config", str(config), *tiny, f"--data.init_args.root={make_spair(tmp_path / 'sp')}",
                     "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--trainer.fast_dev_run=1",
                     "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",

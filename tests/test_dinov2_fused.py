@@ -140,7 +140,7 @@ def test_dinov2_checkpoint_file_round_trip(tmp_path) -> None:
 # ---------------------------------------------------------------------- fusion
 @pytest.fixture(scope="module")
 def parts() -> tuple[torch.nn.Module, DINOv2Backbone]:
-    """One tiny SD (SD-DINO's up_blocks.0..2, t=100, attention on) and DINOv2, shared: building costs seconds."""
+    """One tiny SD (three block outputs, t=100, attention on) and DINOv2, shared: building costs seconds."""
     sd = create_backbone("test_sd", layers=["up_blocks.0", "up_blocks.1", "up_blocks.2"], timestep=100, attention=True)
     return sd, create_backbone("test_dinov2")
 
@@ -148,6 +148,10 @@ def parts() -> tuple[torch.nn.Module, DINOv2Backbone]:
 def test_fused_preset_shape_matches_feature_info() -> None:
     bb = create_backbone("test_sd_dinov2")
     assert bb.size_multiple == 112 and bb.sd.timestep == 100 and bb.sd_index == [0, 1, 2]
+    # LDM output_blocks 2, 5, 8 before the skip concat; channels finest first, as SD-DINO concatenates them
+    assert bb.sd.layers == ["up_blocks.0.resnets.1", "up_blocks.1.attentions.1", "up_blocks.2.attentions.1"]
+    assert bb.sd.feature_info.reductions() == [16, 8, 4]  # SD 1.5 on its 8x VAE: 64, 32, 16
+    assert bb.feature_info[0].name == "up_blocks.2.attentions.1+up_blocks.1.attentions.1+up_blocks.0.resnets.1+blocks.1"
     out = bb(torch.rand(1, 3, 112, 112))
     (info,) = bb.feature_info
     assert info.channels == sum(bb.sd.feature_info.channels()) + 32 and info.reduction == 14
@@ -168,9 +172,15 @@ def test_fused_equals_recomputation_and_part_norms(parts, sd_index, weights) -> 
     sd_out = bb.sd(images, prompts="a cat", noise=noise)
     small = F.interpolate(images, size=(56, 56), mode="bilinear", align_corners=False, antialias=True)
     dino = bb.dino(small).features[0]  # (2, 32, 4, 4)
-    idx = [sd_index] if isinstance(sd_index, int) else list(sd_index)
-    sd = torch.cat([F.interpolate(sd_out.features[i], size=(4, 4), mode="bilinear", align_corners=False)
-                    for i in idx], dim=1)
+    def up(x, like):
+        return F.interpolate(x, size=tuple(like.shape[-2:]), mode="bilinear", align_corners=False)
+
+    if isinstance(sd_index, int):
+        sd = sd_out.features[sd_index]
+    else:  # SD-DINO's chain: the coarse level to the fine level's grid, put after it, then to the 4x4 grid
+        coarse, fine = sd_out.features[sd_index[0]], sd_out.features[sd_index[1]]
+        sd = torch.cat([fine, up(coarse, fine)], dim=1)
+    sd = up(sd, dino)
     expected = torch.cat([sd / sd.norm(dim=1, keepdim=True) * weights[0],
                           dino / dino.norm(dim=1, keepdim=True) * weights[1]], dim=1)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
@@ -207,6 +217,118 @@ def test_fused_bad_input_and_arguments(parts) -> None:
         FusedBackbone(*parts, dino_size=40)
     with pytest.raises(ValueError, match="no pretrained weights"):
         create_backbone("test_sd_dinov2", pretrained=True)
+
+
+def test_sd_levels_are_the_inputs_of_the_next_resnets_before_the_skip_concat() -> None:
+    """ODISE decoder_only (ldm.py:654-663): h entering output_blocks 2, 5, 8, before cat([h, skip])."""
+    bb = create_backbone("test_sd_dinov2")
+    images, noise = torch.rand(1, 3, 64, 64), torch.randn(1, 4, 32, 32)
+    levels, _ = bb.sd_levels(images, prompts="a cat", noise=noise)
+    seen = {}
+    hooks = [bb.sd.unet.up_blocks[k].resnets[2].register_forward_pre_hook(
+        lambda m, a, kw, k=k: seen.__setitem__(k, (a[0] if a else kw["input_tensor"])[:, : m.out_channels]),
+        with_kwargs=True) for k in range(3)]
+    t = torch.tensor([100])
+    try:  # the full UNet by hand (the backbone stops early, before these modules run)
+        noisy = bb.sd.scheduler.add_noise(bb.sd.encode_images(images), noise, t)
+        with torch.no_grad():
+            bb.sd.unet(noisy, t, encoder_hidden_states=bb.sd.encode_prompt(["a cat"]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for k, level in enumerate(levels):
+        torch.testing.assert_close(level, seen[k])
+
+
+def test_sliding_window_places_by_stride_and_averages_overlaps() -> None:
+    from diffperc.backbones._window import sliding_window, window_boxes
+
+    images = torch.rand(2, 3, 60, 44)
+    calls = []
+
+    def run(crops):  # average-pooled crops: stitched = pooled canvas when offsets are multiples of the cells
+        calls.append(crops.shape)
+        return [F.avg_pool2d(crops, 4) * 10, F.avg_pool2d(crops, 2)]
+
+    out = sliding_window(run, images, 32, [4, 2])
+    assert calls == [(2 * len(window_boxes(60, 44, 32)), 3, 32, 32)] and window_boxes(60, 44, 32) == [
+        (0, 0, 32, 32), (0, 12, 32, 44), (28, 0, 60, 32), (28, 12, 60, 44)]
+    torch.testing.assert_close(out[0], F.avg_pool2d(images, 4) * 10)
+    torch.testing.assert_close(out[1], F.avg_pool2d(images, 2))
+
+    def shifted(crops):  # each crop adds its index: overlapped cells get the mean of the crops covering them
+        return [torch.stack([torch.full((1, 16, 16), float(k // 2)) for k in range(len(crops))])]
+
+    avg = sliding_window(shifted, images, 32, [2])[0]
+    assert avg[0, 0, 0, 0] == 0 and avg[0, 0, 0, 10] == 0.5 and avg[0, 0, 15, 10] == 1.5 and avg[0, 0, 29, 21] == 3
+    with pytest.raises(ValueError, match="multiples of 4"):
+        sliding_window(run, torch.rand(1, 3, 62, 32), 32, [4, 2])  # the second row of crops starts at 30
+
+
+def test_shared_noise_is_odise_seed_42() -> None:
+    from diffperc.backbones._window import shared_noise
+
+    ref = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(shared_noise((64, 64)), ref)
+    torch.testing.assert_close(shared_noise((60, 90)), F.interpolate(ref, size=(60, 90), mode="bicubic",
+                                                                      align_corners=False))
+
+
+def test_fused_window_and_shared_noise_equal_a_manual_stitch(parts) -> None:
+    sd = create_backbone("test_sd", layers=["up_blocks.0.resnets.1", "up_blocks.2.attentions.1"], timestep=100)
+    bb = FusedBackbone(sd, parts[1], sd_index=[0, 1], sd_window=32, shared_noise_seed=42, shared_noise_size=16,
+                       dino_size=42)
+    images = torch.rand(1, 3, 48, 48)  # crops at 0 and 16 on both axes; reductions 16 and 4
+    levels, attention = bb.sd_levels(images, prompts=["a dog"])
+    noise = F.interpolate(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(42)), size=(16, 16),
+                          mode="bicubic", align_corners=False)
+    total = [torch.zeros(1, 8 if i else 16, 48 // r, 48 // r) for i, r in enumerate((16, 4))]
+    count = [torch.zeros(1, 1, 48 // r, 48 // r) for r in (16, 4)]
+    for y, x in ((0, 0), (0, 16), (16, 0), (16, 16)):
+        feats = sd(images[..., y : y + 32, x : x + 32], prompts="a dog", noise=noise).features
+        for f, t, c, r in zip(feats, total, count, (16, 4), strict=True):
+            t[..., y // r : y // r + 32 // r, x // r : x // r + 32 // r] += f
+            c[..., y // r : y // r + 32 // r, x // r : x // r + 32 // r] += 1
+    assert attention is None
+    for ours, t, c in zip(levels, total, count, strict=True):
+        torch.testing.assert_close(ours, t / c, rtol=1e-4, atol=1e-5)  # 4 crops in one batch vs one at a time
+    assert bb(images, prompts="a dog").features[0].shape == (1, 16 + 8 + 32, 3, 3)
+    with pytest.raises(ValueError, match="does not stitch attention"):
+        FusedBackbone(*parts, sd_window=32)
+    with pytest.raises(ValueError, match="sd_window must be a positive multiple of the SD size multiple 16"):
+        FusedBackbone(sd, parts[1], sd_window=40)
+
+
+def test_fused_dino_images_are_used_as_given(parts) -> None:
+    bb = FusedBackbone(*parts, dino_size=56)
+    images, dino_images = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 42, 42)
+    fused = bb(images, dino_images=dino_images).features[0]
+    assert fused.shape[-2:] == (3, 3)  # the DINOv2 grid of the given 42 px images, not of a 56 px resize
+    dino = bb.dino(dino_images).features[0]
+    torch.testing.assert_close(fused[:, -32:], F.normalize(dino, dim=1) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- DINOv2 hub position embeddings
+def test_dinov2_hub_pos_interpolation() -> None:
+    """facebookresearch/dinov2 vision_transformer.py:180-233, against the timm modules run by hand."""
+    model_bb = create_backbone("test_dinov2")
+    hub_bb = create_backbone("test_dinov2", pos_interpolation="hub")
+    m = hub_bb.model
+    native = torch.rand(1, 3, 56, 56)  # the 4x4 grid of the position embeddings: no interpolation, same as timm
+    torch.testing.assert_close(hub_bb(native).features[0], model_bb(native).features[0], rtol=1e-5, atol=1e-5)
+    images = torch.rand(2, 3, 98, 70)  # a 7x5 grid
+    x = (images - MEAN) / STD
+    tokens = torch.cat([m.cls_token.expand(2, -1, -1), m.patch_embed.proj(x).flatten(2).transpose(1, 2)], dim=1)
+    grid = F.interpolate(m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2),
+                         scale_factor=(7.1 / 4, 5.1 / 4), mode="bicubic")  # (w0 + 0.1) / M, no antialias
+    tokens = tokens + torch.cat([m.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 35, -1)], dim=1)
+    for blk in m.blocks:
+        tokens = blk(tokens)
+    ours = hub_bb(images).features[0]
+    torch.testing.assert_close(ours, _to_map(tokens, 1, 7, 5), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, model_bb(images).features[0], atol=1e-4)  # timm resamples otherwise
+    with pytest.raises(ValueError, match="pos_interpolation must be"):
+        create_backbone("test_dinov2", pos_interpolation="bilinear")
 
 
 # ---------------------------------------------------------------------- co-PCA

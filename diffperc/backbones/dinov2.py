@@ -9,11 +9,17 @@ tokens dropped, reshaped to the (H/14, W/14) patch grid.
 
 SD-DINO (Zhang et al., "A Tale of Two Features", NeurIPS 2023, arXiv 2305.15347, repo
 Junyi42/sd-dino) takes block 11 of ViT-B/14 (23 of L, 39 of g), facet "token" (no final
-norm), on an 840 px image: a 60x60 map. See ANCHORS.md section 2b and ``fused.py``.
+norm), on an 840 px image: a 60x60 map (extractor_dino.py:190-197, 308-332). It loads the
+network with ``torch.hub.load("facebookresearch/dinov2", ...)``, whose position embeddings are
+resized to the input grid with a bicubic *scale factor* (n + 0.1) / M and no antialiasing
+(facebookresearch/dinov2 dinov2/models/vision_transformer.py:180-212); timm and transformers
+resize to the grid size (timm also antialiases), which gives other embeddings for the same
+weights. ``pos_interpolation="hub"`` computes the hub's. See ANCHORS.md section 2b and ``fused.py``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
 from ._checks import check_images
 from .registry import register_backbone
 
-__all__ = ["DINOv2Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "TIMM_NAMES", "resize_images"]
+__all__ = ["DINOv2Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "TIMM_NAMES", "hub_pos_embed", "resize_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,11 +83,16 @@ class DINOv2Backbone(nn.Module):
         norm: apply the final LayerNorm to the tokens (dinov2's ``get_intermediate_layers(norm=True)``);
             SD-DINO uses the raw block output (False).
         trainable: fine-tune the ViT; frozen and in eval mode otherwise.
+        pos_interpolation: how the position embeddings are resized to the input's patch grid:
+            ``"model"`` (the network's own code) or ``"hub"`` (as the torch.hub DINOv2 that
+            SD-DINO loads: bicubic with scale factor (n + 0.1) / M, no antialiasing); ``"hub"``
+            needs a timm ViT.
         name_or_path: where the weights came from (recorded in ``config``).
     """
 
     def __init__(self, model: nn.Module, layer: int | None = None, image_size: int | tuple[int, int] | None = None,
-                 norm: bool = False, trainable: bool = False, name_or_path: str | None = None) -> None:
+                 norm: bool = False, trainable: bool = False, pos_interpolation: str = "model",
+                 name_or_path: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.kind = self._detect_kind(model)
@@ -103,11 +114,18 @@ class DINOv2Backbone(nn.Module):
                 raise ValueError(f"this timm ViT has a fixed input size {native}: build it with "
                                  f"dynamic_img_size=True, or pass image_size={native}")
         self.size_multiple = self.patch_size if self.image_size is None else 1
+        if pos_interpolation not in ("model", "hub"):
+            raise ValueError(f"pos_interpolation must be 'model' or 'hub', got {pos_interpolation!r}")
+        if pos_interpolation == "hub" and (self.kind != "timm" or getattr(model, "reg_token", None) is not None
+                                           or getattr(model, "no_embed_class", False)):
+            raise ValueError("pos_interpolation='hub' needs a timm DINOv2 ViT without registers "
+                             "(DINOv2Backbone.from_timm('vit_base_patch14_dinov2', ...))")
+        self.pos_interpolation = pos_interpolation
         self.norm, self.trainable = norm, trainable
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.config = {"name_or_path": name_or_path, "layer": self.layer, "image_size": self.image_size,
-                       "norm": norm, "trainable": trainable}
+                       "norm": norm, "trainable": trainable, "pos_interpolation": pos_interpolation}
         model.requires_grad_(trainable)
         self.train(False)
 
@@ -213,12 +231,28 @@ class DINOv2Backbone(nn.Module):
                              f"{max(p, h // p * p)}x{max(p, w // p * p)}, or build the backbone with image_size=")
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)  # ImageNet normalisation
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            fmap = self._timm_map(x) if self.kind == "timm" else self._transformers_map(x)
+            if self.kind == "transformers":
+                fmap = self._transformers_map(x)
+            else:
+                fmap = self._timm_map(x) if self.pos_interpolation == "model" else self._timm_hub_map(x)
         return BackboneOutput(features=[fmap], attention=None)
 
     def _timm_map(self, x: Tensor) -> Tensor:
         return self.model.forward_intermediates(x, indices=[self.layer], norm=self.norm, stop_early=True,
                                                 output_fmt="NCHW", intermediates_only=True)[0]  # (B, C, h, w)
+
+    def _timm_hub_map(self, x: Tensor) -> Tensor:
+        """The timm ViT's modules run as torch.hub DINOv2's ``prepare_tokens_with_masks`` + blocks."""
+        m, (h, w) = self.model, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        patches = m.patch_embed.norm(m.patch_embed.proj(x).flatten(2).transpose(1, 2))  # (B, h*w, C): hub PatchEmbed
+        tokens = torch.cat([m.cls_token.expand(len(x), -1, -1), patches], dim=1)
+        tokens = tokens + hub_pos_embed(m.pos_embed, h, w).to(tokens.dtype)
+        tokens = m.norm_pre(m.patch_drop(tokens))
+        for block in m.blocks[: self.layer + 1]:
+            tokens = block(tokens)
+        if self.norm:
+            tokens = m.norm(tokens)
+        return tokens[:, m.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, h, w)
 
     def _transformers_map(self, x: Tensor) -> Tensor:
         tokens = self.model(pixel_values=x, output_hidden_states=True).hidden_states[self.layer + 1]  # (B, T, C)
@@ -229,7 +263,34 @@ class DINOv2Backbone(nn.Module):
         return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, layer={self.layer}, image_size={self.image_size}, norm={self.norm}"
+        return (f"kind={self.kind}, layer={self.layer}, image_size={self.image_size}, norm={self.norm}, "
+                f"pos_interpolation={self.pos_interpolation}")
+
+
+def hub_pos_embed(pos_embed: Tensor, h: int, w: int, offset: float = 0.1) -> Tensor:
+    """facebookresearch/dinov2's ``interpolate_pos_encoding`` for an h x w patch grid.
+
+    Args:
+        pos_embed: (1, 1 + M*M, C) class + patch position embeddings of an M x M grid.
+        h, w: patch grid of the input.
+        offset: the hub's ``interpolate_offset`` (0.1).
+
+    Returns:
+        (1, 1 + h*w, C) float32: unchanged when h*w == M*M and h == w, else the patch part
+        resized bicubically with scale factors ((h + offset) / M, (w + offset) / M), no antialias.
+    """
+    n = pos_embed.shape[1] - 1
+    if h * w == n and h == w:
+        return pos_embed.float()
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    grid = pos_embed[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)  # (1, C, M, M)
+    grid = F.interpolate(grid, scale_factor=(float(h + offset) / m, float(w + offset) / m), mode="bicubic",
+                         antialias=False)
+    if tuple(grid.shape[-2:]) != (h, w):
+        raise ValueError(f"hub interpolation of an {m}x{m} grid gave {tuple(grid.shape[-2:])}, not ({h}, {w})")
+    return torch.cat([pos_embed[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
 
 # ---------------------------------------------------------------------- presets

@@ -22,6 +22,13 @@ they come from the .mat files, keeping keypoints annotated in both images). Coor
 used as stored, as the reference evaluations do. PCK reference: the target image size.
 
 Items are dicts (see :class:`PairDataset`); :func:`collate_pairs` pads keypoints into a batch.
+
+Resizing: DIFT resizes both images to 768x768 (PIL bicubic; Tsingularity/dift
+src/models/dift_sd.py:276-278). SD-DINO letterboxes (``letterbox=True``): the longer side is
+resized to the target with PIL Lanczos, the aspect kept, and the image centred on a zero
+canvas, once to 960 for SD and once, from the original, to 840 for DINOv2
+(``dino_image_size``); keypoints go into the frame as x * s + offset (Junyi42/sd-dino
+utils/utils_correspondence.py:13-31, pck_spair_pascal.py:23-46, 195-197).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["CorrespondenceDataModule", "PASCAL_CLASSES", "PFPascalDataset", "PairDataset", "SPairDataset",
-           "collate_pairs"]
+           "collate_pairs", "letterbox"]
 
 PASCAL_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -59,6 +66,30 @@ def _size_arg(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if len(hw) != 2 or any(not isinstance(v, int) or v < 1 for v in hw):
         raise ValueError(f"image_size must be a positive int, (height, width) or None, got {image_size!r}")
     return hw
+
+
+def letterbox(img: Image.Image, size: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """SD-DINO's ``resize(img, size, resize=True, to_pil=True, edge=False)`` and its keypoint frame.
+
+    The longer side becomes ``size`` (PIL Lanczos), the other ``round(size * short / long)``
+    (NumPy rounding, half to even), and the image is centred on a black ``size`` x ``size``
+    canvas (utils_correspondence.py:16-31).
+
+    Returns:
+        The canvas and the frame (s, s, offset_x, offset_y): a point (x, y) of ``img`` is at
+        (x * s + offset_x, y * s + offset_y) with s = size / max(W, H) (pck_spair_pascal.py:23-43).
+    """
+    w, h = img.size
+    scale = size / max(w, h)
+    if h <= w:  # utils_correspondence.py:20-25
+        new = img.resize((size, int(np.around(size * h / w))), Image.Resampling.LANCZOS)
+        off_x, off_y = 0, (size - new.height) // 2
+    else:  # :26-31
+        new = img.resize((int(np.around(size * w / h)), size), Image.Resampling.LANCZOS)
+        off_x, off_y = (size - new.width) // 2, 0
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(new, (off_x, off_y))
+    return canvas, (scale, scale, float(off_x), float(off_y))
 
 
 def open_rgb(path: str | Path, what: str) -> Image.Image:
@@ -87,7 +118,13 @@ class PairDataset(Dataset):
 
     Each item is a dict:
 
-    - ``src_image``, ``trg_image``: (3, h, w) float32 in [0, 1], resized to ``image_size`` (bicubic).
+    - ``src_image``, ``trg_image``: (3, h, w) float32 in [0, 1], resized to ``image_size``
+      (bicubic), or letterboxed into it (``letterbox``).
+    - ``src_image_dino``, ``trg_image_dino`` (only with ``dino_image_size``): the original
+      image resized (or letterboxed) again, to the DINOv2 input size.
+    - ``src_frame``, ``trg_frame`` (and ``*_frame_dino``): (4,) float64 (sx, sy, ox, oy): an
+      original point (x, y) is at (x * sx + ox, y * sy + oy) in the resized image.
+    - ``src_id``, ``trg_id``: str identifying the image (and flip), for feature caches.
     - ``src_kps``, ``trg_kps``: (N, 2) float32 (x, y) in pixels of the resized images.
     - ``src_bbox``, ``trg_bbox``: (4,) float32 (x1, y1, x2, y2) in pixels of the resized images.
     - ``src_kps_orig``, ``trg_kps_orig``, ``src_bbox_orig``, ``trg_bbox_orig``: the same in
@@ -100,12 +137,22 @@ class PairDataset(Dataset):
     Args:
         image_size: (h, w) or a side to resize both images to; None keeps the original size
             (then batches need batch_size 1).
+        letterbox: keep the aspect ratio: Lanczos-resize the longer side to ``image_size`` (a
+            square side) and centre the image on a zero canvas, as SD-DINO does.
+        dino_image_size: also give each image at this side for DINOv2 (SD-DINO: 840),
+            prepared from the original the same way (letterboxed or resized).
     """
 
     pck_ref = "bbox"
 
-    def __init__(self, image_size: int | Sequence[int] | None = 768) -> None:
+    def __init__(self, image_size: int | Sequence[int] | None = 768, letterbox: bool = False,
+                 dino_image_size: int | None = None) -> None:
         self.image_size = _size_arg(image_size)
+        if letterbox and (self.image_size is None or self.image_size[0] != self.image_size[1]):
+            raise ValueError(f"letterbox=True needs a square image_size (one int, e.g. 960), got {image_size!r}")
+        if dino_image_size is not None and (not isinstance(dino_image_size, int) or dino_image_size < 1):
+            raise ValueError(f"dino_image_size must be a positive int or None, got {dino_image_size!r}")
+        self.letterbox, self.dino_image_size = letterbox, dino_image_size
         self.records: list[dict[str, Any]] = []
 
     def __len__(self) -> int:
@@ -130,16 +177,31 @@ class PairDataset(Dataset):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
             kps = np.stack([w - kps[:, 0], kps[:, 1]], axis=1)
             bbox = np.array([w - bbox[2], bbox[1], w - bbox[0], bbox[3]])
-        oh, ow = self.image_size or (h, w)
-        if (oh, ow) != (h, w):
-            img = img.resize((ow, oh), Image.BICUBIC)
-        scale = np.array([ow / w, oh / h])
-        return {
-            "image": torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous(),
-            "kps": torch.from_numpy(kps * scale).float(), "bbox": torch.from_numpy(bbox * np.tile(scale, 2)).float(),
+        view, frame = self._prepare(img, self.image_size or (h, w))
+        sx, sy, ox, oy = frame
+        out = {
+            "image": view,
+            "kps": torch.from_numpy(kps * [sx, sy] + [ox, oy]).float(),
+            "bbox": torch.from_numpy(bbox * [sx, sy, sx, sy] + [ox, oy, ox, oy]).float(),
             "kps_orig": torch.from_numpy(kps).float(), "bbox_orig": torch.from_numpy(bbox).float(),
-            "size": torch.tensor([h, w], dtype=torch.int64),
+            "size": torch.tensor([h, w], dtype=torch.int64), "frame": torch.tensor(frame, dtype=torch.float64),
+            "id": f"{rec[f'{side}_path']}" + (":flipped" if rec.get("flip") else ""),
         }
+        if self.dino_image_size is not None:
+            out["image_dino"], frame_dino = self._prepare(img, (self.dino_image_size,) * 2)
+            out["frame_dino"] = torch.tensor(frame_dino, dtype=torch.float64)
+        return out
+
+    def _prepare(self, img: Image.Image, size: tuple[int, int]) -> tuple[Tensor, tuple[float, float, float, float]]:
+        """Resize (bicubic) or letterbox ``img`` to ``size``: (3, h, w) float32 in [0, 1] and its frame."""
+        w, h = img.size
+        if self.letterbox:
+            img, frame = letterbox(img, size[0])
+        else:
+            if (size[0], size[1]) != (h, w):
+                img = img.resize((size[1], size[0]), Image.BICUBIC)
+            frame = (size[1] / w, size[0] / h, 0.0, 0.0)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous(), frame
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
@@ -178,6 +240,18 @@ def _limit(records: list[dict[str, Any]], categories: Sequence[str] | None, per_
     return records
 
 
+def _sample(records: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, Any]]:
+    """SD-DINO's per-category draw: a fresh ``np.random.seed(seed)`` and ``choice(n, k)`` per category."""
+    by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_cat[r["category"]].append(r)
+    out = []
+    for cat in sorted(by_cat):
+        pairs = sorted(by_cat[cat], key=lambda r: r["name"])
+        out += [pairs[i] for i in np.random.RandomState(seed).choice(len(pairs), k)]
+    return out
+
+
 class SPairDataset(PairDataset):
     """SPair-71k pairs of one split (see the module docstring for the layout).
 
@@ -187,13 +261,24 @@ class SPairDataset(PairDataset):
         image_size: see :class:`PairDataset`.
         categories: keep only these categories (None: all 18).
         max_pairs_per_category: keep the first k pairs (by file name) of each category.
+        sample_per_category: draw k pairs per category as SD-DINO's ``--SAMPLE k`` does
+            (``np.random.seed(sample_seed)`` per category, then ``np.random.choice(n, k)``, with
+            replacement, over the category's pairs sorted by file name; pck_spair_pascal.py:48-52);
+            None = all pairs (the papers' setting).
+        sample_seed: SD-DINO's ``--SEED`` (42).
+        letterbox, dino_image_size: see :class:`PairDataset`.
+
+    Pairs are ordered by category, then file name (as DIFT and SD-DINO loop over them), so
+    the images of one category come together.
     """
 
     pck_ref = "bbox"
 
     def __init__(self, root: str | Path, split: str = "test", image_size: int | Sequence[int] | None = 768,
-                 categories: Sequence[str] | None = None, max_pairs_per_category: int | None = None) -> None:
-        super().__init__(image_size)
+                 categories: Sequence[str] | None = None, max_pairs_per_category: int | None = None,
+                 sample_per_category: int | None = None, sample_seed: int = 42, letterbox: bool = False,
+                 dino_image_size: int | None = None) -> None:
+        super().__init__(image_size, letterbox, dino_image_size)
         self.root = Path(root).expanduser()
         splits = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}
         if split not in splits:
@@ -204,9 +289,14 @@ class SPairDataset(PairDataset):
         files = sorted(pair_dir.glob("*.json")) if pair_dir.is_dir() else []
         if not files:
             raise FileNotFoundError(f"no pair annotations in {pair_dir}; expected {_SPAIR_LAYOUT} under {self.root}")
-        records = [self._read(f) for f in files]
-        self.records = _limit(records, categories, max_pairs_per_category, [r["category"] for r in records],
-                              f"SPair-71k {split}")
+        records = sorted((self._read(f) for f in files), key=lambda r: (r["category"], r["name"]))
+        records = _limit(records, categories, max_pairs_per_category, [r["category"] for r in records],
+                         f"SPair-71k {split}")
+        if sample_per_category is not None:
+            if sample_per_category < 1:
+                raise ValueError(f"sample_per_category must be >= 1 or None, got {sample_per_category}")
+            records = _sample(records, sample_per_category, sample_seed)
+        self.records = records
 
     def _read(self, path: Path) -> dict[str, Any]:
         try:
@@ -242,12 +332,14 @@ class PFPascalDataset(PairDataset):
         categories, max_pairs_per_category: as :class:`SPairDataset`.
         pck_ref: ``"image"`` (the convention: target image size) or ``"bbox"`` (needs .mat files).
         flip: apply the pair list's ``flip`` column (horizontal flip of both images, training lists).
+        letterbox, dino_image_size: see :class:`PairDataset`.
     """
 
     def __init__(self, root: str | Path, split: str = "test", image_size: int | Sequence[int] | None = 768,
                  pairs_file: str | Path | None = None, categories: Sequence[str] | None = None,
-                 max_pairs_per_category: int | None = None, pck_ref: str = "image", flip: bool = True) -> None:
-        super().__init__(image_size)
+                 max_pairs_per_category: int | None = None, pck_ref: str = "image", flip: bool = True,
+                 letterbox: bool = False, dino_image_size: int | None = None) -> None:
+        super().__init__(image_size, letterbox, dino_image_size)
         self.root = Path(root).expanduser()
         if pck_ref not in ("image", "bbox"):
             raise ValueError(f"pck_ref must be 'image' or 'bbox', got {pck_ref!r}")
@@ -380,15 +472,20 @@ class CorrespondenceDataModule(LightningDataModule):
         image_size: side (or (h, w)) both images are resized to (DIFT: 768).
         test_split, val_split, train_split: split names (SPair: test/val/trn).
         categories: keep only these categories; None = all.
-        max_pairs_per_category: first k pairs of each category (quick runs; SD-DINO's default
-            draws 20); None = all pairs (the papers' setting).
+        max_pairs_per_category: first k pairs of each category (quick runs); None = all pairs
+            (the papers' setting).
+        sample_per_category, sample_seed: SPair-71k only: SD-DINO's ``--SAMPLE k`` draw (its
+            default is 20 per category, with replacement); None = all pairs.
+        letterbox: keep the aspect ratio and zero-pad (SD-DINO) instead of resizing (DIFT).
+        dino_image_size: also prepare each image at this side for DINOv2 (SD-DINO: 840).
         batch_size, num_workers: DataLoader settings.
     """
 
     def __init__(self, dataset: str = "spair", root: str = "data/SPair-71k", image_size: int | tuple[int, int] = 768,
                  test_split: str = "test", val_split: str = "val", train_split: str = "trn",
                  categories: list[str] | None = None, max_pairs_per_category: int | None = None,
-                 batch_size: int = 1, num_workers: int = 0) -> None:
+                 sample_per_category: int | None = None, sample_seed: int = 42, letterbox: bool = False,
+                 dino_image_size: int | None = None, batch_size: int = 1, num_workers: int = 0) -> None:
         super().__init__()
         if dataset not in ("spair", "pf_pascal"):
             raise ValueError(f"dataset must be 'spair' or 'pf_pascal', got {dataset!r}")
@@ -400,9 +497,14 @@ class CorrespondenceDataModule(LightningDataModule):
 
     def make_dataset(self, split: str) -> PairDataset:
         hp = self.hparams
-        cls = SPairDataset if hp.dataset == "spair" else PFPascalDataset
-        return cls(hp.root, split, hp.image_size, categories=hp.categories,
-                   max_pairs_per_category=hp.max_pairs_per_category)
+        common = {"categories": hp.categories, "max_pairs_per_category": hp.max_pairs_per_category,
+                  "letterbox": hp.letterbox, "dino_image_size": hp.dino_image_size}
+        if hp.dataset == "spair":
+            return SPairDataset(hp.root, split, hp.image_size, sample_per_category=hp.sample_per_category,
+                                sample_seed=hp.sample_seed, **common)
+        if hp.sample_per_category is not None:
+            raise ValueError("sample_per_category is SD-DINO's SPair-71k draw; PF-Pascal uses all pairs (set it to null)")
+        return PFPascalDataset(hp.root, split, hp.image_size, **common)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}

@@ -9,14 +9,19 @@ a 768x768 pair of 1280-channel maps needs a few hundred MB instead of 2 x 3 GB.
 
 SD-DINO: Zhang et al., "A Tale of Two Features", NeurIPS 2023, arXiv 2305.15347, repo
 Junyi42/sd-dino (pck_spair_pascal.py, utils/utils_correspondence.py): per SD level a joint
-PCA of both images' features (256 dims each), DINOv2 patch features, both parts
-L2-normalised, weighted and concatenated (:func:`sd_dino_descriptors`).
+PCA of both images' features (256 dims each), chained onto the s3 grid, DINOv2 patch
+features, both parts L2-normalised, weighted and concatenated (:func:`sd_dino_descriptors`);
+matching patch to patch in the letterboxed DINOv2 frame (:func:`match_patches`).
 
-PCK (:func:`pck`, :class:`PCKTally`): a keypoint is correct when its error is at most
-alpha x the longer side of a reference: the target bounding box (SPair-71k, DIFT eval_spair.py)
-or the target image (PF-Pascal). Two averages are reported, named as such: **per keypoint**
-(all correct keypoints / all keypoints) and **per image** (mean over pairs of each pair's
-fraction). ANCHORS.md sections 2 and A5 give the recipes and the published numbers.
+PCK (:func:`pck`, :class:`PCKTally`): a keypoint is correct when its error is within alpha x
+the longer side of a reference: the target bounding box (SPair-71k) or the target image
+(PF-Pascal). ``rule="dift"``: error / side <= alpha in float64 (DIFT eval_spair.py:121-122);
+``rule="sd_dino"``: float32 error < float32(alpha) x side (pck_spair_pascal.py:420-428).
+Averages, named as such: **per keypoint** (all correct keypoints / all keypoints), **per
+image** (mean over pairs of each pair's fraction), and SD-DINO's two: per category pooled
+over its keypoints, then the plain mean over categories ("Average") and the mean weighted
+by the categories' pair counts ("Weighted", its headline; pck_spair_pascal.py:512-539).
+ANCHORS.md sections 2 and A5 give the recipes and the published numbers.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..backbones.fused import co_pca, fuse_features
 
-__all__ = ["PCKTally", "match_points", "mutual_nn", "pck", "pck_correct", "pck_threshold", "sd_dino_descriptors",
-           "upsampled_at", "upsampled_rows"]
+__all__ = ["PCKTally", "from_frame", "match_patches", "match_points", "mutual_nn", "pck", "pck_correct",
+           "pck_threshold", "sd_dino_descriptors", "to_frame", "upsampled_at", "upsampled_rows"]
 
 _CHUNK_BYTES = 256 * 2**20  # working memory of one row chunk in match_points
 
@@ -224,7 +230,7 @@ def mutual_nn(
 
 def sd_dino_descriptors(
     sd_src: Sequence[Tensor], sd_trg: Sequence[Tensor], dino_src: Tensor, dino_trg: Tensor,
-    pca_dims: int | Sequence[int] = 256, weights: tuple[float, float] = (0.5, 0.5),
+    pca_dims: int | Sequence[int] = 256, weights: tuple[float, float] = (1.0, 1.0),
     size: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SD-DINO descriptors of an image pair: co-PCA per SD level, then fusion with DINOv2.
@@ -234,12 +240,14 @@ def sd_dino_descriptors(
         sd_trg: the same levels of the target image.
         dino_src: (C_d, h, w) DINOv2 patch features of the source; dino_trg: of the target.
         pca_dims: output channels per level (SD-DINO: 256 each), capped at the level's channels.
-        weights: (SD, DINOv2) weights of the two L2-normalised parts (paper: 0.5 / 0.5).
+        weights: (SD, DINOv2) weights of the two L2-normalised parts (SD-DINO's code: 1, 1).
         size: grid of the descriptors; None = each image's DINOv2 grid (SD-DINO: 60x60).
 
     Returns:
-        (sum dims + C_d, h, w) source and target descriptors. SD-DINO upsamples s5 to s4 then
-        to s3; here each level goes straight to the grid (one bilinear step).
+        (sum dims + C_d, h, w) source and target descriptors: the levels' PCA projections
+        chained finest first ([s3, s4, s5]; s5 -> s4 grid -> s3 grid, as
+        utils_correspondence.py:418-436), then the DINOv2 part. The PCA draws its random start
+        from the global torch RNG, levels in the given order (seed it to reproduce a run).
     """
     if len(sd_src) != len(sd_trg) or not sd_src:
         raise ValueError(f"sd_src and sd_trg must list the same SD levels (>= 1), got {len(sd_src)} and {len(sd_trg)}")
@@ -257,6 +265,78 @@ def sd_dino_descriptors(
     src = fuse_features(red_src, dino_src[None], size or tuple(dino_src.shape[-2:]), weights)[0]
     trg = fuse_features(red_trg, dino_trg[None], size or tuple(dino_trg.shape[-2:]), weights)[0]
     return src, trg
+
+
+# ---------------------------------------------------------------------------- patch matching
+def to_frame(points: Tensor, frame: Tensor | Sequence[float]) -> Tensor:
+    """Original pixels (N, 2) -> a resized or letterboxed frame, in float32 as SD-DINO computes it.
+
+    ``frame`` = (sx, sy, ox, oy): x * sx + ox, y * sy + oy (pck_spair_pascal.py:29-43: the
+    float32 keypoints times the scale, then the integer offset added).
+    """
+    sx, sy, ox, oy = (float(v) for v in (frame.tolist() if isinstance(frame, Tensor) else frame))
+    pts = points.float().clone()
+    pts[:, 0] *= sx
+    pts[:, 1] *= sy
+    pts[:, 0] += ox
+    pts[:, 1] += oy
+    return pts
+
+
+def from_frame(points: Tensor, frame: Tensor | Sequence[float]) -> Tensor:
+    """Frame points (N, 2) back to original pixels: ((x - ox) / sx, (y - oy) / sy), float32."""
+    sx, sy, ox, oy = (float(v) for v in (frame.tolist() if isinstance(frame, Tensor) else frame))
+    pts = points.double()
+    return torch.stack([(pts[:, 0] - ox) / sx, (pts[:, 1] - oy) / sy], dim=1).float()
+
+
+def match_patches(desc_src: Tensor, desc_trg: Tensor, points_src: Tensor, frame_size: Sequence[int],
+                  distance: str = "l2") -> Tensor:
+    """SD-DINO's patch-to-patch nearest neighbour (pck_spair_pascal.py:200-204, 365-388).
+
+    Args:
+        desc_src: (C, g_h, g_w) source descriptors on the patch grid; desc_trg: the target's.
+        points_src: (N, 2) source keypoints (x, y) in the frame the grid covers (SD-DINO: the
+            840 px letterboxed DINOv2 input).
+        frame_size: (H, W) of that frame, multiples of the grid (the patch side, 14).
+        distance: ``"l2"`` (SD-DINO's for fused features: the largest -||a - b + 1e-6||, as
+            ``torch.nn.PairwiseDistance``) or ``"cos"`` (cosine, its choice for one feature).
+
+    Returns:
+        (N, 2) float32 target points (x, y) in the frame: the centre of the best target patch,
+        p * s + s // 2 - 0.5 with s the patch side. A keypoint's source patch is
+        trunc(g / H * y), trunc(g / W * x) in float32, as SD-DINO computes it.
+    """
+    desc_src, desc_trg = _check_feat("desc_src", desc_src), _check_feat("desc_trg", desc_trg)
+    if desc_src.shape != desc_trg.shape:
+        raise ValueError(f"desc_src and desc_trg must have the same shape (C, g_h, g_w), got {tuple(desc_src.shape)} "
+                         f"and {tuple(desc_trg.shape)}")
+    if distance not in ("l2", "cos"):
+        raise ValueError(f"distance must be 'l2' or 'cos', got {distance!r}")
+    (c, gh, gw), (fh, fw) = desc_src.shape, _check_size("frame_size", frame_size)
+    if fh % gh or fw % gw or fh // gh != fw // gw:
+        raise ValueError(f"frame_size {fh}x{fw} must be the {gh}x{gw} grid times one patch side")
+    points = _check_points("points_src", points_src, (fh, fw)).float()
+    if len(points) == 0:
+        return torch.zeros(0, 2, dtype=torch.float32, device=points_src.device)
+    # pck_spair_pascal.py:201-204: (num_patches / img_size * kp).astype(np.int32), in float32
+    px = (points[:, 0].cpu().numpy() * np.float32(gw / fw)).astype(np.int32).clip(0, gw - 1)
+    py = (points[:, 1].cpu().numpy() * np.float32(gh / fh)).astype(np.int32).clip(0, gh - 1)
+    rows = torch.from_numpy(py.astype(np.int64) * gw + px).to(desc_src.device)
+    src = desc_src.reshape(c, -1).T[rows]  # (N, C)
+    trg = desc_trg.reshape(c, -1).T  # (g_h*g_w, C)
+    best = []
+    for q in src:  # one source token at a time, as utils_correspondence.py:220-246
+        if distance == "l2":
+            sim = -torch.nn.functional.pairwise_distance(q[None], trg, p=2)  # PairwiseDistance(p=2) * -1
+        else:
+            sim = torch.nn.functional.cosine_similarity(q[None], trg, dim=1)
+        best.append(torch.argmax(sim))
+    nn = torch.stack(best).cpu()
+    s = fh // gh  # patch side = stride (14)
+    x = (nn % gw) * s + s // 2 - 0.5  # pck_spair_pascal.py:386: (p - 1) * stride + stride + patch // 2 - .5
+    y = (nn // gw) * s + s // 2 - 0.5
+    return torch.stack([x, y], dim=1).float().to(points_src.device)
 
 
 # ---------------------------------------------------------------------------- PCK
@@ -280,25 +360,38 @@ def pck_threshold(ref: Tensor | Sequence[float] | float) -> float:
     return side
 
 
-def pck_correct(pred: Tensor, gt: Tensor, ref: Tensor | Sequence[float] | float, alpha: float = 0.1) -> Tensor:
-    """Which keypoints are correct: (N,) bool, ``||pred - gt|| <= alpha * pck_threshold(ref)``.
+PCK_RULES = ("dift", "sd_dino")
+
+
+def pck_correct(pred: Tensor, gt: Tensor, ref: Tensor | Sequence[float] | float, alpha: float = 0.1,
+                rule: str = "dift") -> Tensor:
+    """Which keypoints are correct: (N,) bool.
 
     Args:
         pred: (N, 2) predicted (x, y) pixels; gt: (N, 2) ground truth, in the same pixels as ``ref``.
-        ref: target bbox (x1, y1, x2, y2) (SPair-71k) or target image size (H, W) (PF-Pascal).
+        ref: target bbox (x1, y1, x2, y2) (SPair-71k), target image size (H, W) (PF-Pascal), or
+            the side itself.
         alpha: tolerance as a fraction of the reference's longer side.
+        rule: ``"dift"``: ``||pred - gt|| / side <= alpha`` in float64 (eval_spair.py:121-122);
+            ``"sd_dino"``: the float32 error ``< float32(alpha) * side`` (pck_spair_pascal.py:420-428).
     """
     if pred.shape != gt.shape or pred.ndim != 2 or pred.shape[1] != 2:
         raise ValueError(f"pred and gt must both be (N, 2) (x, y), got {tuple(pred.shape)} and {tuple(gt.shape)}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    dist = (pred.double() - gt.double()).norm(dim=1)
-    return dist <= alpha * pck_threshold(ref)
+    if rule not in PCK_RULES:
+        raise ValueError(f"rule must be one of {PCK_RULES}, got {rule!r}")
+    side = pck_threshold(ref)
+    if rule == "sd_dino":
+        err = (pred.float() - gt.float()).norm(dim=-1)  # float32, as its tensors are
+        return err.double() < float(np.float32(alpha)) * side
+    return (pred.double() - gt.double()).norm(dim=1) / side <= alpha
 
 
-def pck(pred: Tensor, gt: Tensor, ref: Tensor | Sequence[float] | float, alpha: float = 0.1) -> float:
+def pck(pred: Tensor, gt: Tensor, ref: Tensor | Sequence[float] | float, alpha: float = 0.1,
+        rule: str = "dift") -> float:
     """Fraction of one pair's keypoints that are correct (see :func:`pck_correct`); N must be >= 1."""
-    correct = pck_correct(pred, gt, ref, alpha)
+    correct = pck_correct(pred, gt, ref, alpha, rule)
     if correct.numel() == 0:
         raise ValueError("pck of zero keypoints is undefined: pred and gt are empty")
     return correct.double().mean().item()
@@ -308,16 +401,24 @@ class PCKTally:
     """Accumulates PCK over pairs; reports per-keypoint, per-image and per-category averages.
 
     Per keypoint = correct keypoints / keypoints; per image = mean over pairs of each pair's
-    PCK (DIFT eval_spair.py prints both; pooled over pairs, so categories weigh by pair count).
+    PCK (DIFT eval_spair.py:127-133 prints both; pooled over pairs, so categories weigh by
+    pair count). ``per_category_kpt`` = mean over categories of each category's per-keypoint
+    PCK, ``per_category_kpt_weighted`` = the same weighted by the categories' pair counts
+    (SD-DINO's "Average" and "Weighted" PCK, pck_spair_pascal.py:528-539; on the full SPair-71k
+    test split the pair counts are its ``weights_spair``).
 
     Args:
         alphas: tolerances, e.g. (0.1, 0.05, 0.01).
+        rule: how a keypoint is judged (:func:`pck_correct`).
     """
 
-    def __init__(self, alphas: Sequence[float] = (0.1, 0.05, 0.01)) -> None:
+    def __init__(self, alphas: Sequence[float] = (0.1, 0.05, 0.01), rule: str = "dift") -> None:
         if not alphas or any(not a > 0 for a in alphas):
             raise ValueError(f"alphas must be positive numbers, got {alphas!r}")
+        if rule not in PCK_RULES:
+            raise ValueError(f"rule must be one of {PCK_RULES}, got {rule!r}")
         self.alphas = tuple(float(a) for a in alphas)
+        self.rule = rule
         self.reset()
 
     def reset(self) -> None:
@@ -327,7 +428,7 @@ class PCKTally:
         """Add one pair; returns its PCK per alpha."""
         if len(gt) == 0:
             raise ValueError(f"a pair of category {category!r} has no keypoints")
-        correct = tuple(int(pck_correct(pred, gt, ref, a).sum()) for a in self.alphas)
+        correct = tuple(int(pck_correct(pred, gt, ref, a, self.rule).sum()) for a in self.alphas)
         self.pairs.append((category, len(gt), correct))
         return {a: c / len(gt) for a, c in zip(self.alphas, correct, strict=True)}
 
@@ -338,7 +439,8 @@ class PCKTally:
         return per_image, per_keypoint
 
     def compute(self, per_category: bool = True) -> dict[str, float]:
-        """``{"pck@0.1/per_image": ..., "pck@0.1/per_keypoint": ..., "<category>/pck@0.1/per_image": ...}`` in [0, 1]."""
+        """``{"pck@0.1/per_image": ..., "pck@0.1/per_keypoint": ..., "pck@0.1/per_category_kpt": ...,
+        "pck@0.1/per_category_kpt_weighted": ..., "<category>/pck@0.1/per_image": ...}`` in [0, 1]."""
         if not self.pairs:
             raise ValueError("no pairs were added")
         groups: dict[str, list] = defaultdict(list)
@@ -348,10 +450,15 @@ class PCKTally:
         for prefix, pairs in [("", self.pairs)] + ([(f"{c}/", groups[c]) for c in sorted(groups)] if per_category else []):
             for i, a in enumerate(self.alphas):
                 out[f"{prefix}pck@{a:g}/per_image"], out[f"{prefix}pck@{a:g}/per_keypoint"] = self._averages(pairs, i)
+        for i, a in enumerate(self.alphas):
+            kpt = {c: self._averages(g, i)[1] for c, g in groups.items()}
+            out[f"pck@{a:g}/per_category_kpt"] = sum(kpt.values()) / len(kpt)
+            out[f"pck@{a:g}/per_category_kpt_weighted"] = sum(len(groups[c]) * v for c, v in kpt.items()) / len(self.pairs)
         return out
 
     def table(self) -> str:
-        """A plain-text table: one row per category and one for all, PCK in percent per alpha and average."""
+        """A plain-text table: one row per category and one for all, PCK in percent per alpha and average;
+        then SD-DINO's category averages of the per-keypoint PCK (plain mean, and weighted by pairs)."""
         res, cats = self.compute(), sorted({p[0] for p in self.pairs})
         cols = [f"@{a:g} {kind}" for a in self.alphas for kind in ("img", "kpt")]
         lines = [f"{'category':<14}{'pairs':>7}" + "".join(f"{c:>11}" for c in cols)]
@@ -361,4 +468,7 @@ class PCKTally:
         for name, prefix, n in [(c, f"{c}/", counts[c]) for c in cats] + [("all", "", len(self.pairs))]:
             vals = [res[f"{prefix}pck@{a:g}/per_{k}"] * 100 for a in self.alphas for k in ("image", "keypoint")]
             lines.append(f"{name:<14}{n:>7}" + "".join(f"{v:>11.2f}" for v in vals))
+        for name, key in (("cat. mean", "per_category_kpt"), ("cat. weighted", "per_category_kpt_weighted")):
+            vals = [res[f"pck@{a:g}/{key}"] * 100 for a in self.alphas]
+            lines.append(f"{name:<14}{len(cats):>7}" + "".join(f"{'':>11}{v:>11.2f}" for v in vals))
         return "\n".join(lines)
