@@ -65,12 +65,13 @@ class Recipe:
     p_empty: float = 0.1
     vae_steps: int = 600
     ema: float = 0.999
+    ema_warmup: bool = True  # decay min(ema, (1 + step) / (10 + step)); v1 had none
 
 
 PRESETS = {
     "v2": Recipe(),
     "v1": Recipe(cross_attention_levels=1, layers_per_block=2, batch=64, unet_steps=2400, lr=5e-4,
-                 captions="variants", tokenizer="bpe"),
+                 captions="variants", tokenizer="bpe", ema_warmup=False),
 }
 
 
@@ -199,7 +200,6 @@ def train_unet(recipe: Recipe, tokenizer: CLIPTokenizer, latents: torch.Tensor, 
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(recipe.unet_steps))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_decay = recipe.ema if recipe.unet_steps > 1000 else 0.99
     rng = random.Random(seed)
     unet.train()
     text_encoder.train()
@@ -219,6 +219,9 @@ def train_unet(recipe: Recipe, tokenizer: CLIPTokenizer, latents: torch.Tensor, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        # EMA with warm-up, as diffusers' EMAModel / torch_ema: without it, a 0.999 EMA still holds
+        # 0.999^2400 = 9 % of the random initial weights after 2400 steps (v1 shipped that way)
+        ema_decay = min(recipe.ema, (1 + step) / (10 + step)) if recipe.ema_warmup else recipe.ema
         with torch.no_grad():
             for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
                 for pe, p in zip(ema.parameters(), live.parameters(), strict=True):
@@ -257,8 +260,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2")
     for f in dataclasses.fields(Recipe):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
+        kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"default: the preset's ({f.default!r} in v2)")
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def main() -> None:
