@@ -154,15 +154,25 @@ class SDQueryExtractor:
         return torch.cat(out)
 
     @torch.no_grad()
+    def crop_features_batch(self, crops: Sequence[Tensor], generator: torch.Generator | None = None,
+                            batch_size: int = 32) -> list[Tensor]:
+        """Crops (3, h_i, w_i) in [0, 1] -> (D, f, f) each: resized to ``input_size`` (bilinear), one
+        VAE posterior sample and one noise per crop drawn from ``generator``, ``batch_size`` per UNet call."""
+        side = self.input_size // self.bb.vae_factor
+        out = []
+        for start in range(0, len(crops), batch_size):
+            x = torch.cat([_resize(c[None].to(self.device, torch.float32), (self.input_size, self.input_size))
+                           for c in crops[start : start + batch_size]]).clamp(0, 1)
+            shape = (len(x), self.bb.unet.config.in_channels, side, side)
+            eps = torch.randn(shape, generator=generator, device=self.device, dtype=self.bb.vae.dtype)
+            latents = self._encode(x, eps)
+            noise = torch.randn(shape, generator=generator, device=self.device, dtype=latents.dtype)
+            out.extend(self._features(latents, noise).unbind(0))
+        return out
+
     def crop_features(self, crop: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(3, h, w) in [0, 1] -> (D, f, f): resized to ``input_size``, VAE sample and noise from ``generator``."""
-        x = _resize(crop[None].to(self.device, torch.float32), (self.input_size, self.input_size)).clamp(0, 1)
-        shape = (1, self.bb.unet.config.in_channels, self.input_size // self.bb.vae_factor,
-                 self.input_size // self.bb.vae_factor)
-        eps = torch.randn(shape, generator=generator, device=self.device, dtype=self.bb.vae.dtype)
-        latents = self._encode(x, eps)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=latents.dtype)
-        return self._features(latents, noise)[0]
+        """(3, h, w) in [0, 1] -> (D, f, f) (:meth:`crop_features_batch` of one crop)."""
+        return self.crop_features_batch([crop], generator)[0]
 
 
 # ---------------------------------------------------------------------------- ViT

@@ -207,8 +207,13 @@ class OVDiff:
         for ext, bank in zip(self.extractors, self.banks, strict=True):
             gen = torch.Generator(ext.device).manual_seed(self.seed)
             bank = bank.to(ext.device)
-            for y1, x1, y2, x2 in boxes:
-                s = score_features(ext.crop_features(image[:, y1:y2, x1:x2], gen), bank, keep)
+            crops = [image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes]
+            if hasattr(ext, "crop_features_batch"):  # SD: every crop is resized to one size, so they batch
+                feats = ext.crop_features_batch(crops, gen)
+            else:
+                feats = [ext.crop_features(c, gen) for c in crops]
+            for (y1, x1, y2, x2), f in zip(boxes, feats, strict=True):
+                s = score_features(f, bank, keep)
                 s = torch.nn.functional.interpolate(s[None], size=(y2 - y1, x2 - x1), mode="bilinear",
                                                     align_corners=False)[0].clamp(-1, 1)
                 total[:, y1:y2, x1:x2] += s.cpu()

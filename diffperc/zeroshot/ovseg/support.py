@@ -332,12 +332,13 @@ def sample_support_set(
     word = prompt_word or category
     prompt = template.format(word)
     size = size or native_size(backbone)
-    settings = {"v": _VERSION, "model": model_fingerprint(backbone), "prompt": prompt, "negative": negative_prompt,
+    settings = {"v": _VERSION, "model": model_fingerprint(backbone), "template": template, "negative": negative_prompt,
                 "n": num_images, "seed": seed, "guidance": guidance_scale, "steps": num_inference_steps,
                 "batch": batch_size, "size": size, "scheduler": "dpmsolver++/linspace/sigma_min"}
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir).expanduser() / "support" / _settings_key(settings) / slug(category)
+        name = slug(category) if word == category else f"{slug(category)}__{slug(word)}"
+        folder = Path(cache_dir).expanduser() / "support" / _settings_key(settings) / name
         cached = _load_cached(folder, num_images, size)
         if cached is not None:
             return SupportSet(category, cached[0], cached[1], folder)
@@ -351,7 +352,7 @@ def sample_support_set(
             raw_parts, done = [resumed[0]], resumed[0].shape[0]
             generator.set_state(resumed[1])
             images = [_read_png(folder / "images" / f"{i:05d}.png") for i in range(done)]
-        write_text_atomic(folder / "meta.json", json.dumps({**settings, "category": category, "complete": False},
+        write_text_atomic(folder / "meta.json", json.dumps({**settings, "category": category, "prompt": prompt, "complete": False},
                                                            indent=1))
     pipe = pipe or build_pipeline(backbone)
     from tqdm.auto import tqdm
@@ -373,7 +374,7 @@ def sample_support_set(
             bar.update(n)
     raw_all = torch.cat(raw_parts)
     if folder is not None:
-        write_text_atomic(folder / "meta.json", json.dumps({**settings, "category": category, "complete": True},
+        write_text_atomic(folder / "meta.json", json.dumps({**settings, "category": category, "prompt": prompt, "complete": True},
                                                            indent=1))
     return SupportSet(category, torch.stack(images), normalise_heatmaps(raw_all, (size, size)), folder)
 
