@@ -235,7 +235,7 @@ class OVSegDataModule(LightningDataModule):
         self.classes = list(names[1:])
         self.eval_classes = self.classes if self.reduce_zero_label else list(names)
         self.prompts = dict(VOC_PROMPTS) if dataset == "voc" else {}
-        self.stuff = list(CONTEXT_STUFF) if dataset.startswith("context") else []
+        self.stuff = [c for c in CONTEXT_STUFF if c in self.classes] if dataset.startswith("context") else []
         self._data: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
