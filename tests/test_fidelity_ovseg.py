@@ -27,10 +27,19 @@ from diffperc.zeroshot.ovseg.inference import crop_boxes, labels_from_scores, sc
 from diffperc.zeroshot.ovseg.maskcut import maskcut
 from diffperc.zeroshot.ovseg.masks import select_fg_bg
 from diffperc.zeroshot.ovseg.pamr import pamr
-from diffperc.zeroshot.ovseg.prototypes import PrototypeBank, assemble_prototypes, class_prototypes, stuff_filter
+from diffperc.zeroshot.ovseg.prototypes import (
+    PrototypeBank,
+    assemble_prototypes,
+    class_prototypes,
+    stuff_filter,
+)
 from diffperc.zeroshot.ovseg.segmenter import resize_for_inference
-from diffperc.zeroshot.ovseg.support import (NEGATIVE_PROMPT, build_pipeline, normalise_heatmaps,
-                                             sample_with_heatmaps)
+from diffperc.zeroshot.ovseg.support import (
+    NEGATIVE_PROMPT,
+    build_pipeline,
+    normalise_heatmaps,
+    sample_with_heatmaps,
+)
 
 
 # ============================================================================ ports: sampling (sd.py)
@@ -514,8 +523,8 @@ def port_sd_support_features(bb, img, layer_spec, feat_size, timestep=200, seed=
     def store(name, f):
         if name not in layer_spec:
             return
-        b, l, d = f.shape
-        hw = int(math.sqrt(l))
+        b, n_tok, d = f.shape
+        hw = int(math.sqrt(n_tok))
         fm = f.transpose(-1, -2).reshape(-1, d, hw, hw).float()
         feats_out.append(fm if hw == feat_size[0] else F.interpolate(fm, size=feat_size, mode="bilinear", align_corners=False))
 
@@ -614,7 +623,7 @@ def port_maskcut_forward(feats, dims, tau=0.15, N=3):
         m1, m2 = (m1 > 0.5).to(torch.bool), (m2 > 0.5).to(torch.bool)
         return (torch.sum(m1 * (m1 == m2)).to(torch.float) / torch.sum(m1 + m2)).mean().item()
 
-    bipartitions = []
+    bipartitions, current_mask, ps = [], None, None  # loop-carried, as in maskcut_forward
     for i in range(N):
         if i == 0:
             painting = torch.from_numpy(np.zeros(dims))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffperc import create_backbone
 from diffperc.cli import cli_main
-from diffperc.data.ovseg import (CONTEXT_CLASSES, VOC_CLASSES, OVSegDataModule, OVSegDataset, digit_scenes)
+from diffperc.data.ovseg import CONTEXT_CLASSES, VOC_CLASSES, OVSegDataModule, OVSegDataset, digit_scenes
 from diffperc.zeroshot.ovseg import OVDiff, prediction_picture
 from diffperc.zeroshot.ovseg import support as support_mod
 from diffperc.zeroshot.ovseg.masks import CallableProposer, load_proposer, support_masks
