@@ -2,26 +2,33 @@
 
 Vocabulary: the ten digit words. Support sets are sampled from the bundled model (its own
 caption "a photo of the digit {}" by default, guidance 8, DPM-Solver 30 steps, as OVDiff samples
-from SD), fg/bg masks from the heatmap thresholds (fg > 0.5, bg < 0.2: the released fallback;
-no DINO exists for this model), prototypes of the UNet's cross-attention queries at t=200.
-Test scenes: 64x64 canvases with 1-3 held-out digits (images 1500-1796) in distinct quadrants;
-labels are exact (ink > 0.5; faint ink and touching digits are ignored). Methods, in one run:
+from SD; the unconditional prompt is empty: the released negative prompt is outside this model's
+captions and turns its samples into noise at guidance 8), fg/bg masks from the heatmap thresholds
+(fg > 0.5, bg < 0.2: the released fallback; no DINO exists for this model), prototypes of the
+UNet's cross-attention queries at t=200. Test scenes: 64x64 canvases with 1-3 held-out digits
+(images 1500-1796) in distinct quadrants; labels are exact (ink > 0.5; faint ink and touching
+digits are ignored). Methods, in one run (crops 32 and 24, stride 16, plus the whole scene: the
+released 448 / 336 / 224 scaled to the model's 32 px):
 
-- ``ovdiff``: OVDiff with SD features alone (crops 32 and 24, stride 16, plus the whole scene:
-  the released 448 / 336 / 224 scaled to the model's 32 px).
-- ``ovdiff_no_bg``: the same without background prototypes (a pixel is background when no
-  class scores above 0).
-- ``random_unet``: the same support images and masks, prototypes and test features from a
-  randomly initialised UNet of the same architecture (trained VAE and text encoder).
+- ``ovdiff``: OVDiff with SD features alone, as released (heatmap masks).
+- ``ovdiff_no_bg``: the same without background prototypes.
+- ``ovdiff_ink_masks``: the same support images with fg / bg = ink > 0.5 / < 0.15 of each sampled
+  image: oracle masks that isolate the features from the heatmaps.
+- ``random_unet`` / ``random_unet_ink_masks``: the same support images and masks, prototypes and
+  test features from a randomly initialised UNet of the same architecture (trained VAE and text
+  encoder).
 - ``attention``: the class words' cross-attention on the test scene, thresholded and argmaxed:
   prompt = the ten words, each pixel's attention on each word averaged over layers and heads
   (all resolutions upsampled), scores divided by the scene's maximum; background below tau.
   Its timestep (1 without noise, or 200 with noise) and tau are tuned on 64 validation scenes
   made of *training* digits; OVDiff is not tuned.
 
+It also prints how much the support heatmaps sit on the sampled digits' ink (mean heatmap on
+ink / off ink; 1 = no localisation), which decides whether the released masks can work.
+
 mIoU over 11 classes (background included) with ignore 255, as mmseg computes it.
 
-    python scripts/ovseg_digits_check.py                   # full: N=32, 200 scenes (~10 min on 2 cores)
+    python scripts/ovseg_digits_check.py                   # full: N=32, 100 scenes (~20 min on 2 busy cores)
     python scripts/ovseg_digits_check.py --quick           # N=8, 48 scenes
     python scripts/ovseg_digits_check.py --model PATH      # another diffusers folder (e.g. digits v2)
 """
@@ -46,22 +53,63 @@ from diffperc.data.ovseg import digit_scenes
 from diffperc.metrics import SegMetrics
 from diffperc.zeroshot.ovseg import OVDiff
 from diffperc.zeroshot.ovseg.extractors import SDQueryExtractor
+from diffperc.zeroshot.ovseg.inference import labels_from_scores
+from diffperc.zeroshot.ovseg.prototypes import PrototypeBank, assemble_prototypes, class_prototypes
+from diffperc.zeroshot.ovseg.segmenter import resize_for_inference
 from diffperc.zeroshot.ovseg.support import class_token_group
 
 NAMES = ["background", *CLASS_WORDS]
 
 
-def ovdiff_run(bb: torch.nn.Module, args: argparse.Namespace, extractor: Any = "sd", bg: bool = True) -> OVDiff:
+def ovdiff_run(bb: torch.nn.Module, args: argparse.Namespace, extractor: Any = "sd") -> OVDiff:
     """OVDiff on the digits vocabulary (support sets from ``bb``, features from ``extractor``)."""
     ov = OVDiff(bb, extractors=[extractor], mask_proposer="threshold", clip_filter=None, cache_dir=args.cache_dir,
-                n_support=args.n_support, template=args.template, guidance_scale=args.guidance,
-                num_inference_steps=args.steps, sample_batch_size=args.batch, kmeans=args.kmeans,
-                sd_feat_size=args.feat_size, size=64, crops=(32, 24), strides=(16, 16), progress=args.progress)
+                n_support=args.n_support, template=args.template, negative_prompt=args.negative_prompt,
+                guidance_scale=args.guidance, num_inference_steps=args.steps, sample_batch_size=args.batch,
+                kmeans=args.kmeans, sd_feat_size=args.feat_size, size=64, crops=(32, 24), strides=(16, 16),
+                progress=args.progress)
     ov.prepare(list(CLASS_WORDS))
-    if not bg:  # no background prototypes: every bg set masked out
-        for bank in ov.banks:
-            bank.mask[0] = False
     return ov
+
+
+def no_bg(banks: list[PrototypeBank]) -> list[PrototypeBank]:
+    """The same banks without background prototypes (a pixel no class scores above 0 is background)."""
+    out = []
+    for b in banks:
+        mask = b.mask.clone()
+        mask[0] = False
+        out.append(PrototypeBank(b.protos, mask, b.classes))
+    return out
+
+
+def ink_banks(ov: OVDiff, args: argparse.Namespace) -> list[PrototypeBank]:
+    """Prototypes from the same support images with fg = ink > 0.5, bg = ink < 0.15 of the sampled image
+    (oracle masks: they isolate the features from the heatmaps)."""
+    per_class = {}
+    for c in ov.classes:
+        images = ov.support(c).float_images()
+        feats = ov.extractors[0].support_features(images)
+        per_class[c] = class_prototypes(feats, images[:, 0] > 0.5, images[:, 0] < 0.15, args.kmeans)
+    return [assemble_prototypes(per_class, ov.classes)]
+
+
+def heatmap_on_ink(ov: OVDiff) -> float:
+    """Mean heatmap on the support images' ink / mean heatmap off it (1 = no localisation)."""
+    ratios = []
+    for c in ov.classes:
+        s = ov.support(c)
+        ink, hm = s.float_images()[:, 0] > 0.5, s.heatmaps[:, 0]
+        ratios.append(float((hm * ink).sum() / ink.sum() / ((hm * ~ink).sum() / (~ink).sum())))
+    return sum(ratios) / len(ratios)
+
+
+def predict_sets(ov: OVDiff, images: torch.Tensor, bank_sets: list[list[PrototypeBank]]) -> list[torch.Tensor]:
+    """Labels of every scene for each bank set (features computed once per scene)."""
+    out: list[list[torch.Tensor]] = [[] for _ in bank_sets]
+    for im in images:
+        for i, sc in enumerate(ov.score_sets(resize_for_inference(im, ov.size), bank_sets)):
+            out[i].append(labels_from_scores(sc, tuple(im.shape[-2:])))
+    return [torch.stack(o) for o in out]
 
 
 def random_unet_extractor(bb: torch.nn.Module, args: argparse.Namespace) -> SDQueryExtractor:
@@ -130,15 +178,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     ov = timed("prepare_ovdiff", lambda: ovdiff_run(bb, args))
-    preds["ovdiff"] = timed("test_ovdiff", lambda: torch.stack([ov.predict(im) for im in images]))
-    ov_nobg = ovdiff_run(bb, args, bg=False)
-    preds["ovdiff_no_bg"] = timed("test_ovdiff_no_bg", lambda: torch.stack([ov_nobg.predict(im) for im in images]))
+    ink = timed("prepare_ink_masks", lambda: ink_banks(ov, args))
+    preds["ovdiff"], preds["ovdiff_no_bg"], preds["ovdiff_ink_masks"] = timed(
+        "test_ovdiff_3_variants", lambda: predict_sets(ov, images, [ov.banks, no_bg(ov.banks), ink]))
     rnd = timed("prepare_random_unet", lambda: ovdiff_run(bb, args, extractor=random_unet_extractor(bb, args)))
-    preds["random_unet"] = timed("test_random_unet", lambda: torch.stack([rnd.predict(im) for im in images]))
+    rnd_ink = ink_banks(rnd, args)
+    preds["random_unet"], preds["random_unet_ink_masks"] = timed(
+        "test_random_unet_2_variants", lambda: predict_sets(rnd, images, [rnd.banks, rnd_ink]))
     best = (-1.0, 1, 0.5)
     for t in (1, 200):  # the baseline's settings, chosen on validation scenes of training digits
         val_scores = attention_scores(bb, val_images, t, args.seed)
-        for tau in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        for tau in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             score = miou(attention_labels(val_scores, tau), val_masks)["miou"]
             best = max(best, (score, t, tau))
     _, t_best, tau_best = best
@@ -146,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attention_scores(bb, images, t_best, args.seed), tau_best))
     results = {k: miou(v, masks) for k, v in preds.items()}
     return {"results": results, "predictions": preds, "masks": masks, "images": images, "timings": timings,
+            "heatmap_on_ink": heatmap_on_ink(ov),
             "attention_settings": {"timestep": t_best, "tau": tau_best, "val_miou": best[0]}}
 
 
@@ -163,12 +214,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="digits", help="preset or diffusers folder (default: the bundled digits)")
     p.add_argument("--quick", action="store_true", help="N=8 support images, 48 test scenes")
     p.add_argument("--n-support", type=int, default=32)
-    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--scenes", type=int, default=100)
     p.add_argument("--val-scenes", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="DPM-Solver steps (released 30)")
     p.add_argument("--guidance", type=float, default=8.0, help="released 8.0")
     p.add_argument("--template", default="a photo of the digit {}",
                    help="support prompt (the model's own caption; OVDiff's is 'A good picture of a {}')")
+    p.add_argument("--negative-prompt", default="",
+                   help="CFG's unconditional prompt (default empty: the released list of bad qualities is "
+                        "outside this model's captions and wrecks its samples at guidance 8)")
     p.add_argument("--kmeans", type=int, default=32)
     p.add_argument("--feat-size", type=int, default=None, help="SD feature side (default: the latent's, 8)")
     p.add_argument("--batch", type=int, default=32, help="support images per sampling call")
@@ -191,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"support images per class, template {args.template!r}, guidance {args.guidance}")
     print(table(out))
     a = out["attention_settings"]
+    print(f"support heatmaps on ink / off ink: {out['heatmap_on_ink']:.3f} (1 = the class word's attention does not "
+          "localise the digit)")
     print(f"attention baseline: t={a['timestep']}, tau={a['tau']} (val mIoU {100 * a['val_miou']:.1f}); "
           f"timings (s): {out['timings']}; wall {out['wall_s']} s")
     if args.out:
@@ -198,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from diffperc.zeroshot.ovseg import prediction_picture
 
         folder = Path(args.out)
-        keep = {k: out[k] for k in ("results", "timings", "attention_settings", "wall_s")}
+        keep = {k: out[k] for k in ("results", "timings", "attention_settings", "heatmap_on_ink", "wall_s")}
         write_text_atomic(folder / "results.json", json.dumps({"args": vars(args), **keep}, indent=1))
         for i in range(min(8, args.scenes)):
             for name in ("ovdiff", "attention"):

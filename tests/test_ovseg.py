@@ -358,7 +358,9 @@ def test_real_check_script_tiny_run(tmp_path):
     spec.loader.exec_module(mod)
     out = mod.main(["--n-support", "2", "--scenes", "3", "--val-scenes", "2", "--steps", "2", "--kmeans", "2",
                     "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
-    assert set(out["results"]) == {"ovdiff", "ovdiff_no_bg", "random_unet", "attention"}
+    assert set(out["results"]) == {"ovdiff", "ovdiff_no_bg", "ovdiff_ink_masks", "random_unet",
+                                   "random_unet_ink_masks", "attention"}
+    assert out["heatmap_on_ink"] > 0
     for name, preds in out["predictions"].items():
         gt = out["masks"]
         keep = gt != 255

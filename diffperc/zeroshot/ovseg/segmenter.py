@@ -200,30 +200,38 @@ class OVDiff:
         """(1 + C, h, w) averaged scores of an image already resized for inference (see :meth:`predict`)."""
         if not self.banks:
             raise RuntimeError("call prepare(classes) first")
+        return self.score_sets(image, [self.banks], keep)[0]
+
+    @torch.no_grad()
+    def score_sets(self, image: Tensor, bank_sets: Sequence[Sequence[PrototypeBank]],
+                   keep: Tensor | None = None) -> list[Tensor]:
+        """Scores of one image against several sets of banks (one bank per extractor each), computing
+        every crop's features once (ablations: other masks, no background prototypes, ...)."""
         h, w = image.shape[-2:]
-        total = torch.zeros(1 + len(self.classes), h, w)
+        n_cls = len(bank_sets[0][0].classes)
+        totals = [torch.zeros(1 + n_cls, h, w) for _ in bank_sets]
         counts = torch.zeros(1, h, w)
         boxes = crop_boxes(h, w, self.crops, self.strides)
-        for ext, bank in zip(self.extractors, self.banks, strict=True):
+        for e, ext in enumerate(self.extractors):
             gen = torch.Generator(ext.device).manual_seed(self.seed)
-            bank = bank.to(ext.device)
             crops = [image[:, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes]
             if hasattr(ext, "crop_features_batch"):  # SD: every crop is resized to one size, so they batch
                 feats = ext.crop_features_batch(crops, gen)
             else:
                 feats = [ext.crop_features(c, gen) for c in crops]
             for (y1, x1, y2, x2), f in zip(boxes, feats, strict=True):
-                s = score_features(f, bank, keep)
-                s = torch.nn.functional.interpolate(s[None], size=(y2 - y1, x2 - x1), mode="bilinear",
-                                                    align_corners=False)[0].clamp(-1, 1)
-                total[:, y1:y2, x1:x2] += s.cpu()
+                for total, banks in zip(totals, bank_sets, strict=True):
+                    s = score_features(f, banks[e].to(ext.device), keep)
+                    s = torch.nn.functional.interpolate(s[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                                        align_corners=False)[0].clamp(-1, 1)
+                    total[:, y1:y2, x1:x2] += s.cpu()
                 counts[:, y1:y2, x1:x2] += 1
-        avg = total / counts.clamp_min(1)
+        out = [total / counts.clamp_min(1) for total in totals]
         if self.pamr:
             from .pamr import pamr
 
-            avg = pamr((image * 255)[None], avg[None])[0]
-        return avg
+            out = [pamr((image * 255)[None], avg[None])[0] for avg in out]
+        return out
 
     def predict(self, image: Tensor, size: tuple[int, int] | None = None, drop_background: bool = False) -> Tensor:
         """Labels of one image.
