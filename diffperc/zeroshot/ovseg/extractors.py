@@ -183,7 +183,7 @@ def create_vit(name: str, pretrained: bool = True) -> tuple[nn.Module, int]:
         import timm
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as err:
-        raise ImportError("OVDiff's DINO/CLIP extractors need timm: pip install 'diffperc[dinov2]'") from err
+        raise ImportError("OVDiff's DINO/CLIP extractors and MaskCut need timm: pip install 'diffperc[ovseg]'") from err
     if name in ("test_dino", "test_clip"):
         with torch.random.fork_rng():
             torch.manual_seed(0 if name == "test_dino" else 1)
