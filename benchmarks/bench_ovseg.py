@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         t_img, _ = clock(lambda: [ov.predict(im) for im in images])
         n_crops = len(crop_boxes(64, 64, ov.crops, ov.strides))
         rows.append((f"test image 64x64 ({n_crops} crops, C={len(ov.classes)})", t_img / len(images), float("nan")))
-        bank = ov.banks[0]
+        bank, base = ov.banks[0], list(ov.classes)
         scale = []
         for c in args.bank_classes:
-            reps = -(-c // len(ov.classes))
+            reps = -(-c // len(base))
             big = PrototypeBank(bank.protos.repeat(1, reps, 1, 1)[:, :c], bank.mask.repeat(1, reps, 1)[:, :c],
-                                (ov.classes * reps)[:c])
+                                [f"{w}{i}" for i in range(reps) for w in base][:c])
             ov.banks, ov.classes = [big], big.classes
             t, _ = clock(lambda: [ov.predict(im) for im in images])
             scale.append((c, t / len(images)))

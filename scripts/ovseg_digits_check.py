@@ -201,10 +201,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    lines = ["| method | mIoU (11 classes) | pixel acc | " + " | ".join(NAMES[1:]) + " |",
-             "|---|---|---|" + "---|" * 10]
+    lines = ["| method | mIoU (11 classes) | pixel acc | " + " | ".join(NAMES) + " |",
+             "|---|---|---|" + "---|" * 11]
     for name, r in out["results"].items():
-        per = " | ".join(f"{100 * r['iou'][c]:.1f}" for c in NAMES[1:])
+        per = " | ".join(f"{100 * r['iou'][c]:.1f}" for c in NAMES)
         lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {per} |")
     return "\n".join(lines)
 
