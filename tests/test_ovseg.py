@@ -284,6 +284,7 @@ def test_drop_background_argmax_is_over_classes_only():
 def _overrides(config: Path, tmp_path: Path, roots: dict[str, Path]) -> list[str]:
     common = ["--model.init_args.backbone=test_sd", "--trainer.accelerator=cpu", "--data.init_args.num_workers=0",
               f"--model.init_args.cache_dir={roots['cache']}", f"--model.init_args.output_dir={tmp_path / 'out'}",
+              f"--trainer.default_root_dir={tmp_path}",
               "--model.init_args.n_support=1", "--model.init_args.num_inference_steps=1",
               "--model.init_args.kmeans=0", "--model.init_args.size=32", "--model.init_args.crops=[32]",
               "--model.init_args.strides=[16]", "--model.init_args.progress=false",
