@@ -106,3 +106,26 @@ def test_selfbench_generation_with_flow_model(tmp_path):
                                 num_inference_steps=2, image_size=16, progress=False)
     item = load_selfbench(tmp_path, subtask="position", model="test_sd3")[0]
     assert item.captions[item.label] == meta[0]["prompt"] and (folder / "00000/samples/00000.png").is_file()
+
+
+def test_item_errors_sd_matches_classifier_and_warns_on_long_captions():
+    from diffperc import create_backbone
+    from diffperc.zeroshot.classifier import DiffusionClassifier
+    from diffperc.zeroshot.compositional import item_errors
+    from diffperc.zeroshot.flow import RELEASED_START_SD, released_grid
+
+    bb = create_backbone("test_sd")
+    images = torch.rand(2, 3, 16, 16)
+    long = "a photo of " + " and ".join(["a red cube"] * 30)
+    with pytest.warns(UserWarning, match="1 of 2 captions tokenize to more than"):
+        err, unc, pos = item_errors(bb, images, [long, "a dog"], normalize=True)
+    assert err.shape == (2, 2, 30) and unc.shape == (2, 30)
+    assert pos.tolist() == list(range(32, 990, 33)) == released_grid(30, 1000, RELEASED_START_SD).tolist()
+    ref = DiffusionClassifier(bb, [long, "a dog", ""], schedule=[(30, 1)], loss="l2_norm").pair_errors(images,
+                                                                                                        timesteps=pos)
+    torch.testing.assert_close(err, ref[:, :2].permute(1, 0, 2))
+    torch.testing.assert_close(unc, ref[:, 2])
+    with pytest.raises(ValueError, match="captions must be distinct"):
+        item_errors(bb, images, ["a dog", "a dog"])
+    with pytest.raises(ValueError, match="SD3 flow-matching loss weighting"):
+        item_errors(bb, images, ["a dog", "a cat"], weighting="cosmap")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._io import atomic_file, write_text_atomic
 from .classifier import DiffusionClassifier, evenly_spaced
-from .flow import RELEASED_START_SD, FlowMatchingClassifier, released_grid
+from .flow import RELEASED_START_SD, FlowMatchingClassifier, released_grid, warn_long_captions
 
 __all__ = ["ErrorBank", "format_table", "is_flow_model", "item_errors", "score_items", "task_metrics", "write_table"]
 
@@ -51,6 +51,8 @@ def make_scorer(backbone: Any, captions: Sequence[str], n_timesteps: int = 30, t
         return clf, clf.grid(n_timesteps)
     if weighting not in (None, "none"):
         raise ValueError(f"weighting {weighting!r} is an SD3 flow-matching loss weighting; SD backbones take None")
+    if getattr(backbone, "tokenizer", None) is not None:
+        warn_long_captions([c for c in captions if c], backbone.tokenizer)  # the flow model warns when it encodes
     clf = DiffusionClassifier(backbone, captions, schedule=[(n_timesteps, 1)], loss=loss, seed=seed,
                               batch_size=batch_size)
     T = clf.num_train_timesteps
