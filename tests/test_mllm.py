@@ -54,7 +54,7 @@ def _vicuna_get_prompt(messages):
 def test_vicuna_format_matches_llava_and_masks_all_but_answers():
     pieces = render(CONV, "vicuna_v1")
     roles = ["USER", "ASSISTANT", "USER", "ASSISTANT"]
-    assert "".join(t for t, _ in pieces) == _vicuna_get_prompt([(r, c["value"]) for r, c in zip(roles, CONV)])
+    assert "".join(t for t, _ in pieces) == _vicuna_get_prompt([(r, c["value"]) for r, c in zip(roles, CONV, strict=True)])
     assert [t for t, trained in pieces if trained] == [" a cat</s>", " no</s>"]
     _, tok = tiny_llama("what is in the image cat black".split())
     ids, labels = tokenize_conversation(CONV, tok)
