@@ -263,6 +263,7 @@ def test_single_file_round_trip_with_local_config(tmp_path: Path, monkeypatch: p
 def test_device_and_torch_dtype_arguments(tmp_path: Path) -> None:
     bb = create_backbone("test_sd", device="cpu", torch_dtype="bfloat16", layers="dift")
     assert bb.dtype == torch.bfloat16 and bb.device.type == "cpu"
+    _ = bb.feature_info  # the one probe forward, before counting
     seen = []
     bb.unet.up_blocks[1].resnets[0].register_forward_hook(lambda m, a, o: seen.append(a[0].dtype))
     assert bb(_images()).features[0].dtype == torch.bfloat16 and seen == [torch.bfloat16]
