@@ -7,7 +7,9 @@ so heads can size themselves with ``backbone.feature_info.channels()`` (timm sty
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -26,17 +28,63 @@ class FeatureInfo:
     reduction: int
 
 
-class FeatureInfoList(list):
-    """A list of :class:`FeatureInfo` with timm-style accessors."""
+_TIMM_KEYS = {"num_chs": "channels", "reduction": "reduction", "module": "name", "index": "index"}
+Index = int | Sequence[int] | None
 
-    def channels(self) -> list[int]:
-        return [f.channels for f in self]
+
+class FeatureInfoList(list):
+    """A list of :class:`FeatureInfo` with timm-style accessors.
+
+    Both spellings work: diffperc's ``channels()``, ``reductions()``, ``names()`` and timm's
+    ``FeatureInfo`` methods ``channels(idx)``, ``reduction(idx)``, ``module_name(idx)``,
+    ``get(key, idx)`` and ``get_dicts(keys, idx)`` (keys ``num_chs``, ``reduction``, ``module``,
+    ``index``).
+    As in timm, ``idx`` None means every entry (a list), an int one entry (a value) and a
+    list of ints those entries (a list).
+    """
+
+    def get(self, key: str, idx: Index = None) -> Any:
+        """timm's ``get``: the value of ``key`` (``num_chs``/``reduction``/``module`` or a field name)."""
+        attr = _TIMM_KEYS.get(key, key)
+        if attr not in _TIMM_KEYS.values():
+            raise KeyError(f"unknown feature info key {key!r}; use one of {sorted(_TIMM_KEYS)}")
+
+        def value(i: int) -> Any:
+            return i % len(self) if attr == "index" else getattr(self[i], attr)
+
+        if idx is None:
+            return [value(i) for i in range(len(self))]
+        if isinstance(idx, int):
+            return value(idx)
+        return [value(i) for i in idx]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: Index = None) -> dict | list[dict]:
+        """timm's ``get_dicts``: ``{"num_chs", "reduction", "module", "index"}`` per entry (or only ``keys``)."""
+        keys = list(_TIMM_KEYS) if keys is None else list(keys)
+
+        def one(i: int) -> dict:
+            return {k: self.get(k, i) for k in keys}
+
+        if isinstance(idx, int):
+            return one(idx)
+        return [one(i) for i in (range(len(self)) if idx is None else idx)]
+
+    def channels(self, idx: Index = None) -> int | list[int]:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: Index = None) -> int | list[int]:
+        """timm's name for the reduction (output stride) of one entry or of all."""
+        return self.get("reduction", idx)
 
     def reductions(self) -> list[int]:
-        return [f.reduction for f in self]
+        return self.get("reduction")
+
+    def module_name(self, idx: Index = None) -> str | list[str]:
+        """timm's name for the module path each map comes from."""
+        return self.get("module", idx)
 
     def names(self) -> list[str]:
-        return [f.name for f in self]
+        return self.get("module")
 
 
 @dataclass

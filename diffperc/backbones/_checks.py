@@ -28,9 +28,15 @@ def check_images(images: Tensor, multiple: int, pad: bool = False, dtype: torch.
     if not images.is_floating_point():
         raise TypeError(f"images must be floats in [0, 1], got dtype {images.dtype}: "
                         "use images.float() / 255 for 8-bit images")
-    if not torch.isfinite(images).all():
+    if torch.compiler.is_compiling():
+        # inside torch.compile: a tensor-only assert (no .item(), no data-dependent branch, so no graph break)
+        ok = torch.isfinite(images).all() & (images.amin() >= -_RANGE_TOL) & (images.amax() <= 1 + _RANGE_TOL)
+        torch._assert_async(ok, "images must be finite and in [0, 1] (run eagerly once for the values)")
+        lo = hi = 0.0
+    elif not torch.isfinite(images).all():
         raise ValueError("images contain NaN or Inf")
-    lo, hi = images.min().item(), images.max().item()
+    else:
+        lo, hi = images.min().item(), images.max().item()
     if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
         hint = " (looks like [-1, 1]: use (images + 1) / 2)" if lo < -0.5 else ""
         hint = " (looks like 0-255: divide by 255)" if hi > 2 else hint
@@ -58,8 +64,12 @@ def check_latents(latents: Tensor, channels: int, multiple: int, dtype: torch.dt
         raise ValueError(f"latents must have shape (B, {channels}, h, w), got {shape}")
     if latents.shape[0] == 0:
         raise ValueError("latents is an empty batch (B = 0)")
-    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+    if not latents.is_floating_point():
         raise ValueError(f"latents must be finite floats, got dtype {latents.dtype}")
+    if torch.compiler.is_compiling():  # tensor-only inside torch.compile (no graph break)
+        torch._assert_async(torch.isfinite(latents).all(), "latents must be finite")
+    elif not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or Inf")
     h, w = latents.shape[-2:]
     if h % multiple or w % multiple:
         raise ValueError(f"latent size {h}x{w} is not a multiple of the UNet's downsampling {multiple}")

@@ -41,72 +41,181 @@ def _missing_message(name: str, err: Exception) -> str:
     )
 
 
+def _safetensors_hint(source: str, err: Exception, use_safetensors: bool) -> str:
+    folder = Path(source)
+    only_bin = folder.is_dir() and any(folder.rglob("*.bin")) and not any(folder.rglob("*.safetensors"))
+    if use_safetensors and (only_bin or (not folder.is_dir() and "safetensors" in str(err).lower())):
+        return ("\n- Only pickled .bin weights there? diffperc reads .safetensors by default; pass "
+                "use_safetensors=False to read the .bin files (torch.load(weights_only=True)).")
+    return ""
+
+
 def load_components(
     name_or_path: str | Path, revision: str | None = None, variant: str | None = None,
-    torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None,
+    torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None, pretrained: bool = True,
+    use_safetensors: bool = True, config: str | Path | None = None, index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load {"vae", "unet", "text_encoder", "tokenizer", "scheduler"} of an SD 1.x/2.x model."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Load the components of an SD 1.x/2.x model ({"vae", "unet", "text_encoder", "tokenizer",
+    "scheduler"}) or of an SDXL one (also "text_encoder_2", "tokenizer_2"), as model_index.json says.
 
+    Args:
+        name_or_path: hub id, local diffusers folder, or a single-file checkpoint.
+        pretrained: False builds each model from its config with random weights (no weight file read).
+        use_safetensors: only ``.safetensors`` weights (False: pickled ``.bin`` too, weights_only).
+        config: diffusers layout of a single-file checkpoint (local folder or cached hub id).
+        index: the model_index.json contents if already read (else read here).
+    """
     name = str(name_or_path)
     path = Path(name).expanduser()
+    offline = is_offline() if local_files_only is None else local_files_only
     if path.is_file() and name.endswith(_SINGLE_FILE_SUFFIXES):
-        return _load_single_file(path, torch_dtype)
+        if not pretrained:
+            raise ValueError(f"pretrained=False needs a diffusers config, not a single-file checkpoint: pass "
+                             f"{config or 'the diffusers folder or hub id the checkpoint came from'} instead of {name}")
+        return _load_single_file(path, torch_dtype, config, offline)
     if path.exists() and not (path / "model_index.json").exists() and not (path / "unet").is_dir():
         raise FileNotFoundError(_missing_message(name, FileNotFoundError(f"{path} has no model_index.json or unet/")))
     if not path.exists() and _looks_local(name):
         raise FileNotFoundError(_missing_message(name, FileNotFoundError(f"no such folder: {path}")))
     source = str(path) if path.exists() else name
-    offline = is_offline() if local_files_only is None else local_files_only
     common = {"revision": revision, "local_files_only": offline}
+    index = model_index(source, common) if index is None else index
+    family_of(index)  # an unsupported pipeline fails here, before any weight
     try:
-        return {
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **common),
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype,
-                                                         variant=variant, **common),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype,
-                                                          variant=variant, **common),
-            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-            "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
-        }
+        return _components(source, torch_dtype, variant, use_safetensors, common, pretrained, index)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(_missing_message(name, err)) from err
+        if not pretrained:
+            raise FileNotFoundError(
+                f"pretrained=False builds {name!r} with random weights from its config files, but they could not "
+                f"be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Get only the configs (no "
+                f"weights) once where the Hub is reachable: `hf download {name} --include '*.json' '*.txt'`, "
+                "then run with HF_HUB_OFFLINE=1; or pass a local diffusers folder.") from err
+        raise FileNotFoundError(_missing_message(name, err) + _safetensors_hint(source, err, use_safetensors)) from err
 
 
-def _load_single_file(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
-    """An original-format SD checkpoint (.safetensors / .ckpt), converted by diffusers."""
+FAMILIES = {  # model_index.json _class_name -> (family, components the backbone needs)
+    "StableDiffusionPipeline": ("sd", ("vae", "unet", "text_encoder", "tokenizer", "scheduler")),
+    "StableDiffusionXLPipeline": ("sdxl", ("vae", "unet", "text_encoder", "text_encoder_2", "tokenizer",
+                                           "tokenizer_2", "scheduler")),
+}
+_DEFAULT_CLASSES = {"vae": ("diffusers", "AutoencoderKL"), "unet": ("diffusers", "UNet2DConditionModel"),
+                    "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+                    "scheduler": ("diffusers", "DDPMScheduler")}
+
+
+def model_index(source: str, common: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's model_index.json (a local folder or a cached / reachable hub id); {} if there is none."""
+    import json
+
+    path = Path(source) / "model_index.json"
+    if not path.is_file() and not Path(source).exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "model_index.json", revision=common["revision"],
+                                        local_files_only=common["local_files_only"]))
+        except Exception:  # noqa: BLE001 - a missing index falls back to SD; loading then says what is missing
+            return {}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def family_of(index: dict[str, Any]) -> str:
+    """"sd" or "sdxl" from a model_index.json; a clear error for pipelines diffperc has no backbone for."""
+    name = index.get("_class_name", "StableDiffusionPipeline")
+    if name not in FAMILIES:
+        known = ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items())
+        raise ValueError(f"no diffperc backbone for a {name} (model_index.json); supported: {known}")
+    return FAMILIES[name][0]
+
+
+def _component_class(index: dict[str, Any], name: str) -> Any:
+    import importlib
+
+    library, cls_name = index.get(name) or _DEFAULT_CLASSES[name]
+    if library not in ("diffusers", "transformers"):
+        raise ValueError(f"component {name!r} comes from {library!r}; only diffusers and transformers are loaded")
+    if name == "scheduler":
+        cls_name = "DDPMScheduler" if "StableDiffusion" in index.get("_class_name", "StableDiffusion") else cls_name
+    return getattr(importlib.import_module(library), cls_name)
+
+
+def _components(source: str, torch_dtype: torch.dtype, variant: str | None, use_safetensors: bool,
+                common: dict[str, Any], pretrained: bool, index: dict[str, Any]) -> dict[str, Any]:
+    """Every component the family needs: weights (``pretrained``) or the architecture from its config."""
+    _, names = FAMILIES[index.get("_class_name", "StableDiffusionPipeline")]
+    out = {}
+    for name in names:
+        cls = _component_class(index, name)
+        is_model = isinstance(cls, type) and issubclass(cls, nn.Module)
+        if not is_model:  # tokenizer, scheduler: small files either way
+            out[name] = cls.from_pretrained(source, subfolder=name, **common)
+        elif pretrained:
+            dtype_kw = {"dtype": torch_dtype} if cls.__module__.startswith("transformers") else {"torch_dtype": torch_dtype}
+            out[name] = cls.from_pretrained(source, subfolder=name, variant=variant, use_safetensors=use_safetensors,
+                                            **dtype_kw, **common)
+        elif cls.__module__.startswith("transformers"):
+            out[name] = cls(cls.config_class.from_pretrained(source, subfolder=name, **common)).to(torch_dtype)
+        else:
+            model = cls.from_config(cls.load_config(source, subfolder=name, **common))
+            out[name] = model if torch_dtype == torch.float32 else model.to(torch_dtype)
+    return out
+
+
+def _single_file_config_error(path: Path, config: str | Path | None, why: str) -> ValueError:
+    return ValueError(
+        f"single-file checkpoint {path}: {why}. Offline, diffusers needs the model's diffusers config to convert "
+        "it: pass config= (on the command line --config) a local diffusers folder (model_index.json and its "
+        "unet/, vae/, text_encoder/, tokenizer/, scheduler/ configs, e.g. one DiffusionBackbone.save_pretrained "
+        "wrote) or a hub id whose config files are cached, e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5' "
+        "(get them with `hf download ID --include '*.json' '*.txt'`)."
+        + ("" if config is None else f" Got config={str(config)!r}.")
+    )
+
+
+def _load_single_file(path: Path, torch_dtype: torch.dtype, config: str | Path | None, offline: bool) -> dict[str, Any]:
+    """An original-format SD checkpoint (.safetensors / .ckpt), converted by diffusers into ``config``'s layout."""
     from diffusers import StableDiffusionPipeline
 
+    if config is None and offline:
+        raise _single_file_config_error(path, None, "no config= given and the Hub is off (HF_HUB_OFFLINE)")
+    if config is not None:
+        cfg = Path(str(config)).expanduser()
+        if cfg.exists() and not (cfg / "model_index.json").is_file():
+            raise _single_file_config_error(path, config, f"config folder {cfg} has no model_index.json")
+        if not cfg.exists() and _looks_local(str(config)):
+            raise _single_file_config_error(path, config, f"config folder {cfg} does not exist")
+        config = str(cfg) if cfg.exists() else str(config)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
-    except Exception as err:  # diffusers raises many types here; say what to do
-        raise ValueError(f"could not read single-file checkpoint {path}: {err}. It must be an SD 1.x/2.x "
-                         "checkpoint (original LDM or diffusers key names).") from err
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=config, torch_dtype=torch_dtype,
+                                                        local_files_only=offline)
+    except Exception as err:  # diffusers raises many types here; say which part failed
+        text = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if "config" in text.lower() or "model_index" in text.lower() or "LocalEntryNotFound" in text:
+            raise _single_file_config_error(path, config, f"its config could not be read ({text})") from err
+        raise ValueError(f"could not convert single-file checkpoint {path} with config {config!r} ({text}). The file "
+                         "must be an SD 1.x/2.x checkpoint (original LDM key names) matching that config.") from err
     return {k: getattr(pipe, k) for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")}
 
 
 def save_components(folder: str | Path, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module,
-                    tokenizer: Any, scheduler: Any) -> None:
-    """Write a diffusers folder atomically: a temp folder beside the target, then rename."""
+                    tokenizer: Any, scheduler: Any, pipeline: str = "StableDiffusionPipeline", **extra: Any) -> None:
+    """Write a diffusers folder atomically (a temp folder beside the target, then rename).
+
+    ``extra``: further components (SDXL: ``text_encoder_2``, ``tokenizer_2``); model_index.json
+    names ``pipeline`` and each component's library and class.
+    """
+    import json
+
+    parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
+             **extra}
+    index: dict[str, Any] = {"_class_name": pipeline}
+    if pipeline == "StableDiffusionPipeline":
+        index |= {"feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None]}
     with atomic_dir(Path(folder).expanduser().resolve()) as tmp:
-        vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(_MODEL_INDEX)
-
-
-_MODEL_INDEX = """{
-  "_class_name": "StableDiffusionPipeline",
-  "feature_extractor": [null, null],
-  "requires_safety_checker": false,
-  "safety_checker": [null, null],
-  "scheduler": ["diffusers", "DDPMScheduler"],
-  "text_encoder": ["transformers", "CLIPTextModel"],
-  "tokenizer": ["transformers", "CLIPTokenizer"],
-  "unet": ["diffusers", "UNet2DConditionModel"],
-  "vae": ["diffusers", "AutoencoderKL"]
-}
-"""
+        for name, part in sorted(parts.items()):
+            if isinstance(part, nn.Module):
+                part.save_pretrained(tmp / name, safe_serialization=True)
+            else:
+                part.save_pretrained(tmp / name)
+            index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

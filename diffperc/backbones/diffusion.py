@@ -18,7 +18,6 @@ import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +27,66 @@ from torch import Tensor, nn
 
 from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
 from ._checks import check_images, check_latents, check_prompt_embeds, check_prompts, pad_to_multiple
+from ._taps import StopForward, Taps, split_tap
 from .attention import AttentionStore, cross_attention_names, install_attention_capture
 
 __all__ = ["DiffusionBackbone", "LAYER_PRESETS", "resolve_layers"]
 
 log = logging.getLogger(__name__)
 
-LAYER_PRESETS = ("dift", "vpd")
+LAYER_PRESETS = ("dift", "vpd", "cross_q", "ovdiff_q")
+_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler", "name_or_path", "text_encoder_2",
+               "tokenizer_2")
 _PROMPT_CACHE_SIZE = 1024
 
 
-class _StopForward(Exception):
-    """Raised by the hook of the last requested layer to end the UNet forward early."""
+def _cross_q(unet: nn.Module) -> list[str]:
+    """Mustafar's tap (ANCHORS.md: SD 2.1 ``up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q``), by rule:
+    the cross-attention query of the first transformer block of ``attentions.1`` (else the last
+    attention) in the lowest-resolution up block that has cross-attention (SDXL: ``up_blocks.0``)."""
+    for i, block in enumerate(unet.up_blocks):
+        if getattr(block, "attentions", None):
+            j = 1 if len(block.attentions) > 1 else 0
+            return [f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2.to_q"]
+    raise ValueError("layers='cross_q' needs a UNet with cross-attention up blocks")
 
 
-def _first_tensor(output: Any) -> Tensor:
-    """A module's feature: the tensor itself, or the first element of a tuple / output class."""
-    while not isinstance(output, Tensor):
-        output = output[0]
-    return output
+def _ovdiff_q(unet: nn.Module) -> list[str]:
+    """OVDiff's nine ``attn2.to_q`` taps (karazijal/sdov sd.py LAYERS "0,6:13,15" of the 16 SD 1.5 layers):
+    ``down_blocks.0.attentions.0``, ``mid_block``, all of ``up_blocks.1`` and ``up_blocks.2``, and
+    ``up_blocks.3.attentions.2`` (each ``transformer_blocks.0.attn2.to_q``)."""
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # sdov counts in forward order: down, mid, up
+    names = sorted(cross_attention_names(unet), key=lambda n: stage[n.split(".")[0]])  # stable within a stage
+    if len(names) != 16:
+        raise ValueError(f"layers='ovdiff_q' is defined on SD 1.x/2.x's 16 cross-attention layers; this UNet has "
+                         f"{len(names)}: list the to_q paths yourself")
+    return [names[i].removesuffix("attn2") + "attn2.to_q" for i in (0, 6, 7, 8, 9, 10, 11, 12, 15)]
+
+
+def _check_timesteps(timestep: int | Sequence[int], n_train: int) -> list[int]:
+    ts = [timestep] if isinstance(timestep, (int, float)) or (isinstance(timestep, Tensor) and timestep.ndim == 0) \
+        else list(timestep)
+    if not ts:
+        raise ValueError("timestep is an empty list: give one t or several, e.g. [50, 150, 250]")
+    bad = [t for t in ts if not float(t).is_integer() or not 0 <= int(t) < n_train]
+    if bad:
+        raise ValueError(f"timestep must be integers in [0, {n_train}) (the scheduler's training steps), got {bad}")
+    ts = [int(t) for t in ts]
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"timestep has duplicates: {ts}")
+    return ts
 
 
 def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
-    """Turn a preset name or a list of module paths into validated module paths.
+    """Turn a preset name or a list of taps into validated taps.
 
-    ``"dift"`` -> ``["up_blocks.1"]``. ``"vpd"`` -> per up block, the last layer before its
-    upsampler (attention if the block has one, else resnet); for SD 1.5 that is LDM's
-    output_blocks 1, 4, 7, 11: ``up_blocks.0.resnets.1, up_blocks.1.attentions.1,
-    up_blocks.2.attentions.1, up_blocks.3.attentions.2``.
+    A tap is a module path (its output) or a module path + ``":input"`` (the tensor entering
+    it, e.g. ``"up_blocks.1.resnets.0:input"``: the decoder's input after the skip concat).
+    Presets: ``"dift"`` -> ``["up_blocks.1"]``; ``"vpd"`` -> per up block, the last layer
+    before its upsampler (attention if the block has one, else resnet); for SD 1.5 that is
+    LDM's output_blocks 1, 4, 7, 11: ``up_blocks.0.resnets.1, up_blocks.1.attentions.1,
+    up_blocks.2.attentions.1, up_blocks.3.attentions.2``; ``"cross_q"`` -> one cross-attention
+    query projection (Mustafar's, see :func:`_cross_q`); ``"ovdiff_q"`` -> OVDiff's nine queries.
     """
     if isinstance(layers, str):
         if layers == "dift":
@@ -66,13 +97,20 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
                 seq = "attentions" if getattr(block, "attentions", None) else "resnets"
                 idx = len(getattr(block, seq)) - (2 if block.upsamplers is not None else 1)
                 layers.append(f"up_blocks.{i}.{seq}.{idx}")
+        elif layers == "cross_q":
+            layers = _cross_q(unet)
+        elif layers == "ovdiff_q":
+            layers = _ovdiff_q(unet)
         else:
             layers = [layers]
     layers = list(layers)
     if not layers:
         raise ValueError("layers is empty: give module paths such as ['up_blocks.1'] or a preset 'dift'/'vpd'")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers has duplicates: {layers}")
     valid = dict(unet.named_modules())
-    for name in layers:
+    for tap in layers:
+        name, _ = split_tap(tap)
         if name not in valid or name == "":
             import difflib
 
@@ -80,7 +118,8 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
             blocks = [n for n in valid if n.count(".") <= 1 and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
             raise ValueError(
                 f"unknown UNet layer {name!r}. Presets: {list(LAYER_PRESETS)}. Close matches: {close or 'none'}. "
-                f"Blocks: {blocks}. Any path of `dict(unet.named_modules())` works."
+                f"Blocks: {blocks}. Any path of `dict(unet.named_modules())` works, with ':input' appended "
+                "for the tensor entering the module."
             )
     return layers
 
@@ -93,7 +132,11 @@ class DiffusionBackbone(nn.Module):
             (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``, ``CLIPTokenizer``,
             a scheduler whose config has the DDPM betas; it is rebuilt as ``DDPMScheduler``).
         layers: UNet module paths whose outputs are the features, or a preset ``"dift"``/``"vpd"``.
-        timestep: t in [0, num_train_timesteps) given to the UNet.
+        timestep: t in [0, num_train_timesteps) given to the UNet, or several (``[50, 150, 250]``):
+            the UNet then runs once per t, all in one batch, on the same clean latents and the same noise.
+        timestep_reduce: with several timesteps, ``"none"`` returns every tap at every t
+            (``feature_info`` names ``"<tap>@t<t>"``, timestep-major) or ``"mean"`` averages them;
+            attention maps are averaged over the timesteps either way.
         add_noise: noise the latents to t (DIFT) or feed the clean latents (VPD: t=1, False).
         ensemble_size: E noisy copies per image, run batched and averaged.
         ensemble_chunk: at most this many copies per UNet call (None: all E at once).
@@ -113,26 +156,28 @@ class DiffusionBackbone(nn.Module):
 
     def __init__(
         self, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
-        layers: str | Sequence[str] = "dift", timestep: int = 261, add_noise: bool = True,
+        layers: str | Sequence[str] = "dift", timestep: int | Sequence[int] = 261, add_noise: bool = True,
         ensemble_size: int = 1, ensemble_chunk: int | None = None, attention: bool = False,
         attention_resolutions: Sequence[int] | None = None, latent_sample: str = "mean",
         scale_latents: bool = True, trainable: bool = False, gradient_checkpointing: bool = False, pad: bool = False,
-        name_or_path: str | None = None,
+        name_or_path: str | None = None, timestep_reduce: str = "none",
     ) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
         self.scheduler = DDPMScheduler.from_config(scheduler.config)
-        n_train = self.scheduler.config.num_train_timesteps
-        if not 0 <= int(timestep) < n_train:
-            raise ValueError(f"timestep must be in [0, {n_train}), got {timestep}")
+        self.timesteps = _check_timesteps(timestep, self.scheduler.config.num_train_timesteps)
+        if timestep_reduce not in ("none", "mean"):
+            raise ValueError(f"timestep_reduce must be 'none' or 'mean', got {timestep_reduce!r}")
+        self.timestep_reduce = timestep_reduce
         if ensemble_size < 1 or (ensemble_chunk is not None and ensemble_chunk < 1):
             raise ValueError(f"ensemble_size and ensemble_chunk must be >= 1, got {ensemble_size}, {ensemble_chunk}")
         if latent_sample not in ("mean", "sample"):
             raise ValueError(f"latent_sample must be 'mean' or 'sample', got {latent_sample!r}")
         self.layers = resolve_layers(unet, layers)
-        self.timestep, self.add_noise, self.latent_sample = int(timestep), add_noise, latent_sample
+        self.timestep = self.timesteps[0] if len(self.timesteps) == 1 else list(self.timesteps)
+        self.add_noise, self.latent_sample = add_noise, latent_sample
         self.scale_latents = bool(scale_latents)
         self.ensemble_size, self.ensemble_chunk = ensemble_size, ensemble_chunk
         self.attention = attention
@@ -143,6 +188,7 @@ class DiffusionBackbone(nn.Module):
         self.size_multiple = self.vae_factor * self.unet_factor
         self.config = {
             "name_or_path": name_or_path, "layers": self.layers, "timestep": self.timestep,
+            "timestep_reduce": timestep_reduce,
             "add_noise": add_noise, "ensemble_size": ensemble_size, "ensemble_chunk": ensemble_chunk,
             "attention": attention, "attention_resolutions": self.attention_resolutions,
             "latent_sample": latent_sample, "scale_latents": self.scale_latents, "trainable": trainable,
@@ -156,6 +202,7 @@ class DiffusionBackbone(nn.Module):
         self.prompt_cache_stats = {"hits": 0, "misses": 0}
         self._feature_info: FeatureInfoList | None = None
         self._stop_after: str | None = None
+        self._taps = Taps(unet, self.layers)
         for module in (vae, text_encoder):
             module.requires_grad_(False).eval()
         unet.requires_grad_(trainable)
@@ -173,8 +220,9 @@ class DiffusionBackbone(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | Path, *, revision: str | None = None, variant: str | None = None,
-        torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-        local_files_only: bool | None = None, **kwargs: Any,
+        torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+        local_files_only: bool | None = None, pretrained: bool = True, use_safetensors: bool = True,
+        config: str | Path | None = None, **kwargs: Any,
     ) -> DiffusionBackbone:
         """Load a diffusers-format SD model (hub id or local folder) or a single-file checkpoint.
 
@@ -183,17 +231,46 @@ class DiffusionBackbone(nn.Module):
                 ``"stabilityai/stable-diffusion-2-1"``, a local folder with ``model_index.json``,
                 or a ``.safetensors``/``.ckpt`` single file.
             revision, variant: hub revision and weight variant (e.g. ``"fp16"``).
-            torch_dtype: dtype of the loaded weights (fp32 by default; the Trainer picks precision).
+            torch_dtype: dtype of the loaded weights, a ``torch.dtype`` or its name (None: float32;
+                the Trainer picks the training precision).
             device: where to put the model.
             local_files_only: never touch the network (defaults to ``HF_HUB_OFFLINE``).
-            **kwargs: backbone options (``layers``, ``timestep``, ...; see the class).
+            pretrained: False builds the architecture from the model's config files (cached or in
+                the folder) with random weights; no weight file is read.
+            use_safetensors: read only ``.safetensors`` weights (default); False also allows
+                pickled ``.bin`` files (read with ``torch.load(weights_only=True)``).
+            config: for a single-file checkpoint, the diffusers layout to convert it into: a local
+                diffusers folder or a hub id whose config files are cached. Needed offline.
+            **kwargs: backbone options (``layers``, ``timestep``, ...; see the class), checked
+                before any weight is read.
         """
-        from ._loading import load_components
+        from ._kwargs import as_dtype, check_kwargs, signature_names
+        from ._loading import family_of, is_offline, load_components, model_index
 
-        parts = load_components(name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
-                                local_files_only=local_files_only)
+        index, path = None, Path(str(name_or_path)).expanduser()
+        if not path.is_file():  # a folder or hub id: its model_index.json picks the class
+            offline = is_offline() if local_files_only is None else local_files_only
+            source = str(path) if path.exists() else str(name_or_path)
+            index = model_index(source, {"revision": revision, "local_files_only": offline})
+            cls = cls._family_class(family_of(index))
+        check_kwargs(f"{cls.__name__}.from_pretrained", signature_names(
+            cls.__init__, DiffusionBackbone.__init__, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
+        parts = load_components(name_or_path, revision=revision, variant=variant,
+                                torch_dtype=as_dtype(torch_dtype, torch.float32), local_files_only=local_files_only,
+                                pretrained=pretrained, use_safetensors=use_safetensors, config=config, index=index)
         model = cls(**parts, name_or_path=str(name_or_path), **kwargs)
         return model.to(device) if device is not None else model
+
+    @classmethod
+    def _family_class(cls, family: str) -> type[DiffusionBackbone]:
+        """The backbone class for a family read from model_index.json (``DiffusionBackbone`` dispatches)."""
+        from .sdxl import SDXLBackbone
+
+        want = {"sd": DiffusionBackbone, "sdxl": SDXLBackbone}[family]
+        if cls is DiffusionBackbone or cls is want:
+            return want
+        raise ValueError(f"{cls.__name__}.from_pretrained got a {family!r} model; use {want.__name__} "
+                         "(or DiffusionBackbone.from_pretrained, which picks the class from model_index.json)")
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the components as a diffusers folder that :meth:`from_pretrained` reads back."""
@@ -232,29 +309,28 @@ class DiffusionBackbone(nn.Module):
         side = self.unet_factor
         latents = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
         embeds = torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
-        order: list[str] = []
-        outs: dict[str, Tensor] = {}
-
-        def record(name: str, module: nn.Module, args: Any, output: Any) -> None:
-            order.append(name)
-            outs[name] = _first_tensor(output)
-
-        hooks = [self.unet.get_submodule(n).register_forward_hook(partial(record, n)) for n in self.layers]
         was_active, self._store.active = self._store.active, False
+        self._taps.start(stop_after=None)
         try:
-            self.unet(latents, torch.zeros(1, device=self.device, dtype=torch.long), encoder_hidden_states=embeds)
+            self.unet(latents, torch.zeros(1, device=self.device, dtype=torch.long), encoder_hidden_states=embeds,
+                      **self._probe_cond())
         finally:
             self._store.active = was_active
-            for h in hooks:
-                h.remove()
+            order, outs = list(self._taps.order), self._taps.stop()
         missing = [n for n in self.layers if n not in outs]
         if missing:
             raise ValueError(f"layers {missing} did not run in the UNet forward; pick modules on the forward path")
+        per_t = len(self.timesteps) > 1 and self.timestep_reduce == "none"
         info = FeatureInfoList()
-        for name in self.layers:
-            c, hw = self._map_shape(outs[name], (side, side))
-            info.append(FeatureInfo(name, c, self.vae_factor * side // hw[0]))
+        for t in self.timesteps if per_t else [None]:
+            for name in self.layers:
+                c, hw = self._map_shape(outs[name], (side, side))
+                info.append(FeatureInfo(name if t is None else f"{name}@t{t}", c, self.vae_factor * side // hw[0]))
         self._feature_info, self._stop_after = info, order[-1]
+
+    def _probe_cond(self) -> dict[str, Any]:
+        """Extra UNet keyword arguments of the probe forward (SDXL: its added conditions)."""
+        return {}
 
     @staticmethod
     def _map_shape(x: Tensor, latent_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -287,6 +363,10 @@ class DiffusionBackbone(nn.Module):
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> text encoder last hidden states (B, L, D), cached by prompt string."""
+        return torch.cat(self._cached_prompts(prompts)).to(self.device, self.dtype)
+
+    def _cached_prompts(self, prompts: Sequence[str]) -> list[Any]:
+        """``_encode_text(p)`` for each prompt, from an LRU cache keyed by the prompt string."""
         out = []
         for p in prompts:
             if p in self._prompt_cache:
@@ -298,56 +378,63 @@ class DiffusionBackbone(nn.Module):
                 if len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
                     self._prompt_cache.popitem(last=False)
             out.append(self._prompt_cache[p])
-        return torch.cat(out).to(self.device, self.dtype)
+        return out
+
+    @staticmethod
+    def _warn_truncation(tok: Any, prompt: str) -> None:
+        n_full = len(tok(prompt).input_ids)
+        if n_full > tok.model_max_length:
+            warnings.warn(f"prompt {prompt!r} has {n_full} tokens; truncated to the text encoder's "
+                          f"{tok.model_max_length}", stacklevel=5)
 
     @torch.no_grad()
     def _encode_text(self, prompt: str) -> Tensor:
         tok = self.tokenizer
+        self._warn_truncation(tok, prompt)
         ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        n_full = len(tok(prompt).input_ids)
-        if n_full > tok.model_max_length:
-            warnings.warn(f"prompt {prompt!r} has {n_full} tokens; truncated to the text encoder's "
-                          f"{tok.model_max_length}", stacklevel=4)
         te = self.text_encoder
         return te(ids.to(te.device)).last_hidden_state.detach()
 
-    def _noisy_latents(self, copies: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """(B*E, C, h, w) image-major clean copies -> noised to t, unless add_noise is False."""
+    def _draw_noise(self, copies: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
+        """(B*E, C, h, w) image-major noise shared by all timesteps, or None when add_noise is False."""
         if not self.add_noise:
-            return copies
+            return None
         if noise is None:
-            noise = torch.randn(copies.shape, generator=generator, device=copies.device, dtype=copies.dtype)
-        elif noise.shape != copies.shape:
+            return torch.randn(copies.shape, generator=generator, device=copies.device, dtype=copies.dtype)
+        if noise.shape != copies.shape:
             raise ValueError(f"noise must have shape (B*E, C, h, w) = {tuple(copies.shape)}, image-major; "
                              f"got {tuple(noise.shape)}")
-        t = torch.full((copies.shape[0],), self.timestep, device=copies.device, dtype=torch.long)
-        return self.scheduler.add_noise(copies, noise.to(copies), t)
+        return noise.to(copies)
 
-    def _run_unet(self, x: Tensor, embeds: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
-        """One UNet call on (N, C, h, w); returns the tapped features and attention maps."""
+    def _noised(self, x0: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(N, C, h, w) clean latents -> (N*T, C, h, w) latents at each timestep (sample-major) and their t."""
+        n, ts = x0.shape[0], self.timesteps
+        t = torch.tensor(ts, device=x0.device, dtype=torch.long).repeat(n)  # (N*T,)
+        x = x0.repeat_interleave(len(ts), dim=0)
+        if noise is None:
+            return x, t
+        return self.scheduler.add_noise(x, noise.repeat_interleave(len(ts), dim=0), t), t
+
+    def _denoise(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Any:
+        """The denoiser call; families with other conditions (SDXL) override it."""
+        return self.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"])
+
+    def _run_unet(self, x: Tensor, cond: dict[str, Tensor], t: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """One UNet call on (N, C, h, w) at timesteps t (N,); returns the tapped features and attention maps."""
         if self._stop_after is None:
             self._probe()
-        feats: dict[str, Tensor] = {}
-
-        def keep(name: str, module: nn.Module, args: Any, output: Any) -> None:
-            feats[name] = _first_tensor(output)
-            if name == self._stop_after:
-                raise _StopForward
-
-        hooks = [self.unet.get_submodule(n).register_forward_hook(partial(keep, n)) for n in self.layers]
         keep_res = None if self.attention_resolutions is None else set(self.attention_resolutions)
         if self.attention:
             self._store.begin(tuple(x.shape[-2:]), self.vae_factor, keep_res)
-        t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
+        self._taps.start(self._stop_after)
         try:
-            self.unet(x, t, encoder_hidden_states=embeds)
-        except _StopForward:
+            self._denoise(x, t, cond)
+        except StopForward:
             pass
         finally:
             self._store.end()
-            for h in hooks:
-                h.remove()
+            feats = self._taps.stop()
         maps = self._store.maps() if self.attention else {}
         out = []
         for name in self.layers:
@@ -379,6 +466,11 @@ class DiffusionBackbone(nn.Module):
             BackboneOutput: ``features`` one (B, C_i, H/r_i, W/r_i) per ``feature_info`` entry,
             averaged over the ensemble; ``attention`` {r: (B, L, H/r, W/r)} if enabled.
         """
+        return self._forward(images, latents, noise, generator, prompts=prompts, prompt_embeds=prompt_embeds)
+
+    def _forward(self, images: Tensor | None, latents: Tensor | None, noise: Tensor | None,
+                 generator: torch.Generator | None, **text: Any) -> BackboneOutput:
+        """The forward shared by the families; ``text`` goes to :meth:`_conditioning`."""
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images (B, 3, H, W) in [0, 1] or latents (B, C, h, w)")
         size = None
@@ -392,9 +484,9 @@ class DiffusionBackbone(nn.Module):
             latents = check_latents(latents, self.unet.config.in_channels, self.unet_factor, dtype=self.dtype)
             copies = latents.repeat_interleave(self.ensemble_size, dim=0)
         batch = copies.shape[0] // self.ensemble_size
-        embeds = self._embeds(batch, prompts, prompt_embeds)
+        cond = self._conditioning(batch, tuple(d * self.vae_factor for d in copies.shape[-2:]), **text)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats, maps = self._ensemble(copies, embeds, noise, generator)
+            feats, maps = self._ensemble(copies, cond, noise, generator)
         if size is not None and self.pad:
             feats = [f[..., : -(-size[0] // r), : -(-size[1] // r)] for f, r in zip(feats, self._reductions(), strict=True)]
             maps = {r: m[..., : -(-size[0] // r), : -(-size[1] // r)] for r, m in maps.items()}
@@ -403,6 +495,11 @@ class DiffusionBackbone(nn.Module):
     def _reductions(self) -> list[int]:
         return self.feature_info.reductions()
 
+    def _conditioning(self, batch: int, image_hw: tuple[int, int], prompts: str | Sequence[str] | None,
+                      prompt_embeds: Tensor | None) -> dict[str, Tensor]:
+        """What the denoiser is conditioned on, one row per image: {"encoder_hidden_states": (B, L, D)}."""
+        return {"encoder_hidden_states": self._embeds(batch, prompts, prompt_embeds)}
+
     def _embeds(self, batch: int, prompts: str | Sequence[str] | None, prompt_embeds: Tensor | None) -> Tensor:
         if prompts is not None and prompt_embeds is not None:
             raise ValueError("pass prompts or prompt_embeds, not both")
@@ -410,27 +507,33 @@ class DiffusionBackbone(nn.Module):
             return check_prompt_embeds(prompt_embeds, batch, self.unet.config.cross_attention_dim).to(self.device, self.dtype)
         return self.encode_prompt(check_prompts(prompts, batch))
 
-    def _ensemble(self, copies: Tensor, embeds: Tensor, noise: Tensor | None,
+    def _ensemble(self, copies: Tensor, cond: dict[str, Tensor], noise: Tensor | None,
                   generator: torch.Generator | None) -> tuple[list[Tensor], dict[int, Tensor]]:
         """Run the (B*E, C, h, w) copies (chunked) and average features and maps over the E copies."""
-        e = self.ensemble_size
+        e, n_t = self.ensemble_size, len(self.timesteps)
         b, latent_shape = copies.shape[0] // e, copies.shape[1:]
-        x = self._noisy_latents(copies, noise, generator).view(b, e, *latent_shape)
-        cond = embeds.unsqueeze(1).expand(b, e, *embeds.shape[1:])
+        noise = self._draw_noise(copies, noise, generator)
+        x = copies.view(b, e, *latent_shape)
+        eps = None if noise is None else noise.view(b, e, *latent_shape)
         chunk = self.ensemble_chunk or e
         feat_sums: list[Tensor] | None = None
         map_sums: dict[int, Tensor] = {}
         for start in range(0, e, chunk):
             n = min(chunk, e - start)
             xs = x[:, start : start + n].reshape(b * n, *latent_shape)
-            cs = cond[:, start : start + n].reshape(b * n, *embeds.shape[1:])
-            feats, maps = self._run_unet(xs, cs)
-            feats = [f.view(b, n, *f.shape[1:]).sum(1) for f in feats]
+            ns = None if eps is None else eps[:, start : start + n].reshape(b * n, *latent_shape)
+            xt, t = self._noised(xs, ns)  # (b*n*T, C, h, w), image-major, then copy, then timestep
+            cs = {k: v.repeat_interleave(n * n_t, dim=0) for k, v in cond.items()}  # image-major, as xt
+            feats, maps = self._run_unet(xt, cs, t)
+            feats = [f.view(b, n, n_t, *f.shape[1:]).sum(1) for f in feats]  # (b, T, C, h, w)
             feat_sums = feats if feat_sums is None else [a + f for a, f in zip(feat_sums, feats, strict=True)]
             for r, m in maps.items():
-                m = m.view(b, n, *m.shape[1:]).sum(1)
+                m = m.view(b, n, n_t, *m.shape[1:]).sum(1).mean(1)
                 map_sums[r] = map_sums[r] + m if r in map_sums else m
-        feats = [f / e for f in feat_sums]
+        if n_t == 1 or self.timestep_reduce == "mean":
+            feats = [f.mean(1) / e for f in feat_sums]
+        else:
+            feats = [f[:, k] / e for k in range(n_t) for f in feat_sums]  # timestep-major, as feature_info
         maps = {r: (m / e).to(self.dtype) for r, m in map_sums.items()}
         return feats, maps
 

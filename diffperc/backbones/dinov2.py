@@ -294,7 +294,7 @@ def hub_pos_embed(pos_embed: Tensor, h: int, w: int, offset: float = 0.1) -> Ten
 
 
 # ---------------------------------------------------------------------- presets
-@register_backbone("test_dinov2")
+@register_backbone("test_dinov2", accepts=(DINOv2Backbone.__init__,), exclude=("model",))
 def test_dinov2(seed: int = 0, pretrained: bool = False, **kw: Any) -> DINOv2Backbone:
     """Tiny random 2-block timm DINOv2 ViT (32 channels, patch 14; offline, milliseconds)."""
     if pretrained:
@@ -315,4 +315,5 @@ def _timm_preset(preset: str) -> Any:
 
 
 for _preset in TIMM_NAMES:
-    register_backbone(_preset)(_timm_preset(_preset))
+    register_backbone(_preset, accepts=(DINOv2Backbone.from_timm, DINOv2Backbone.__init__),
+                      exclude=("model", "name", "model_kwargs"))(_timm_preset(_preset))

@@ -297,7 +297,7 @@ class FusedBackbone(nn.Module):
 
 
 # ---------------------------------------------------------------------- presets
-@register_backbone("test_sd_dinov2")
+@register_backbone("test_sd_dinov2", accepts=(FusedBackbone.__init__,), exclude=("sd", "dino"))
 def test_sd_dinov2(seed: int = 0, pretrained: bool = False, timestep: int = 100, sd_kwargs: dict[str, Any] | None = None,
                    dino_kwargs: dict[str, Any] | None = None, **kw: Any) -> FusedBackbone:
     """Tiny random SD-DINO: ``test_sd`` (SD-DINO's three layers, t=100) + ``test_dinov2``; images multiples of 112.
@@ -313,7 +313,7 @@ def test_sd_dinov2(seed: int = 0, pretrained: bool = False, timestep: int = 100,
     return FusedBackbone(sd, dino, **kw)
 
 
-@register_backbone("sd15_dinov2b")
+@register_backbone("sd15_dinov2b", accepts=(FusedBackbone.__init__,), exclude=("sd", "dino"))
 def sd15_dinov2b(timestep: int = 100, dino_layer: int = 11, dino_size: int | tuple[int, int] | None = 840,
                  weights: tuple[float, float] = (1.0, 1.0), sd_window: int | None = 512,
                  shared_noise_seed: int | None = 42, sd_kwargs: dict[str, Any] | None = None,

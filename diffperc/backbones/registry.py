@@ -14,30 +14,60 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["register_backbone", "create_backbone", "list_backbones", "bundled_model_path", "load_backbone", "HUB_IDS"]
+from ._kwargs import as_dtype, check_kwargs, signature_names, takes_var_keyword
+from .diffusion import DiffusionBackbone
+from .sdxl import SDXLBackbone
+
+__all__ = ["register_backbone", "create_backbone", "list_backbones", "bundled_model_path", "load_backbone", "HUB_IDS",
+           "accepted_kwargs", "list_families"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_ACCEPTS: dict[str, tuple[Callable[..., Any], ...]] = {}
+_EXCLUDE: dict[str, tuple[str, ...]] = {}
 _DEPRECATED: dict[str, str] = {}
+# arguments of a DiffusionBackbone that are its components, not options
+COMPONENTS = ("vae", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+              "tokenizer_3", "scheduler", "transformer", "name_or_path")
 
 HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sd21-base": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
 
-def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register ``fn(**kwargs) -> nn.Module`` under ``name``."""
+def register_backbone(name: str, accepts: tuple[Callable[..., Any], ...] = (), exclude: tuple[str, ...] = ()
+                      ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn(**kwargs) -> nn.Module`` under ``name``.
+
+    ``accepts``: the callables that ``fn``'s ``**kwargs`` end up in (e.g. the backbone class);
+    their parameter names (minus the components) are valid keywords, anything else is
+    rejected by :func:`create_backbone` before ``fn`` runs. A builder without ``**kwargs``
+    is checked against its own signature; one with ``**kwargs`` and no ``accepts`` is not checked.
+    ``exclude``: names of ``accepts`` that the builder sets itself.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
         _REGISTRY[name] = fn
+        _ACCEPTS[name] = tuple(accepts)
+        _EXCLUDE[name] = tuple(exclude)
         return fn
 
     return wrap
+
+
+def accepted_kwargs(name: str) -> set[str] | None:
+    """Keyword arguments preset ``name`` accepts (None where its builder cannot tell)."""
+    fn = _REGISTRY[name]
+    if takes_var_keyword(fn) and not _ACCEPTS[name]:
+        return None
+    return signature_names(fn, *_ACCEPTS[name], exclude=COMPONENTS + _EXCLUDE[name]) | {"device", "torch_dtype"}
 
 
 def register_backbone_deprecations(renames: dict[str, str]) -> None:
@@ -50,8 +80,18 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def create_backbone(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered preset; ``overrides`` go to the backbone (``layers``, ``timestep``, ...)."""
+def create_backbone(name: str, *, device: str | torch.device | None = None,
+                    torch_dtype: torch.dtype | str | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered preset; ``overrides`` go to the backbone (``layers``, ``timestep``, ...).
+
+    Args:
+        name: a preset of :func:`list_backbones`.
+        device: where the model goes (None: where it was built, the CPU).
+        torch_dtype: weights' and compute dtype (``torch.bfloat16`` or ``"bfloat16"``; None: float32).
+            Presets that load weights load them in this dtype; the others are cast after building.
+        **overrides: backbone options. Unknown names raise a TypeError listing the valid ones
+            before anything is loaded.
+    """
     if name in _DEPRECATED:
         import warnings
 
@@ -64,19 +104,56 @@ def create_backbone(name: str, **overrides: Any) -> nn.Module:
             f"Known: {', '.join(list_backbones())}. A local folder or hub id loads with "
             "DiffusionBackbone.from_pretrained(path) (or `--model PATH` on the command line)."
         )
-    return _REGISTRY[name](**overrides)
+    valid = accepted_kwargs(name)
+    if valid is not None:
+        check_kwargs(f"backbone {name!r}", valid, overrides)
+    torch_dtype = as_dtype(torch_dtype)
+    fn = _REGISTRY[name]
+    native = signature_names(fn, *_ACCEPTS[name])
+    passed = {k: v for k, v in (("device", device), ("torch_dtype", torch_dtype)) if k in native and v is not None}
+    model = fn(**overrides, **passed)
+    if (device is not None and "device" not in passed) or (torch_dtype is not None and "torch_dtype" not in passed):
+        model = model.to(device=device, dtype=torch_dtype)
+    return model
 
 
-def load_backbone(name_or_path: str, **overrides: Any) -> nn.Module:
-    """A registered preset if ``name_or_path`` is one, else ``DiffusionBackbone.from_pretrained``."""
+def load_backbone(name_or_path: str | Path, *, device: str | torch.device | None = None,
+                  torch_dtype: torch.dtype | str | None = None, **overrides: Any) -> nn.Module:
+    """A registered preset if ``name_or_path`` is one, else ``DiffusionBackbone.from_pretrained``.
+
+    ``device`` and ``torch_dtype`` as in :func:`create_backbone`; unknown ``overrides`` raise
+    before any weight is read.
+    """
+    name_or_path = str(name_or_path)
     if name_or_path in _REGISTRY or name_or_path in _DEPRECATED:
-        return create_backbone(name_or_path, **overrides)
+        return create_backbone(name_or_path, device=device, torch_dtype=torch_dtype, **overrides)
     looks_like_path = Path(name_or_path).expanduser().exists() or "/" in name_or_path or name_or_path.startswith(".")
     if not looks_like_path:
         return create_backbone(name_or_path, **overrides)  # raises with close matches
-    from .diffusion import DiffusionBackbone
+    return DiffusionBackbone.from_pretrained(name_or_path, device=device, torch_dtype=torch_dtype, **overrides)
 
-    return DiffusionBackbone.from_pretrained(name_or_path, **overrides)
+
+_FAMILIES = (  # (family, class, diffusers pipeline, what it is)
+    ("sd", "DiffusionBackbone", "StableDiffusionPipeline", "Stable Diffusion 1.x / 2.x UNet (epsilon and v-prediction)"),
+    ("sdxl", "SDXLBackbone", "StableDiffusionXLPipeline", "SDXL UNet: two text encoders, pooled embeds, time ids"),
+    ("dinov2", "DINOv2Backbone", None, "DINOv2 ViT patch tokens (timm or transformers)"),
+    ("sd+dinov2", "FusedBackbone", None, "SD-DINO fusion of an SD backbone and DINOv2"),
+)
+
+
+def _family_of_preset(name: str) -> str:
+    if name in ("sdxl", "test_sdxl"):
+        return "sdxl"
+    if "dinov2" in name:
+        return "sd+dinov2" if name.startswith(("sd", "test_sd_")) else "dinov2"
+    return "sd"
+
+
+def list_families() -> list[dict[str, Any]]:
+    """Every backbone family: ``{"family", "class", "pipeline", "description", "presets"}`` (for ``diffperc info``)."""
+    return [{"family": fam, "class": cls, "pipeline": pipe, "description": desc,
+             "presets": [n for n in list_backbones() if _family_of_preset(n) == fam]}
+            for fam, cls, pipe, desc in _FAMILIES]
 
 
 def bundled_model_path() -> Path:
@@ -92,43 +169,60 @@ def bundled_model_path() -> Path:
 
 def _hub(name: str) -> Callable[..., nn.Module]:
     def build(**kw: Any) -> nn.Module:
-        from .diffusion import DiffusionBackbone
-
         return DiffusionBackbone.from_pretrained(HUB_IDS[name], **kw)
 
     build.__doc__ = f"Stable Diffusion preset {name!r}: {HUB_IDS[name]} (needs the weights; see README)."
     return build
 
 
+_SD_ACCEPTS = (DiffusionBackbone.__init__, DiffusionBackbone.from_pretrained)
+
 for _name in HUB_IDS:
-    register_backbone(_name)(_hub(_name))
+    register_backbone(_name, accepts=_SD_ACCEPTS + ((SDXLBackbone.__init__,) if _name == "sdxl" else ()))(_hub(_name))
 
 
-@register_backbone("test_sd")
-def test_sd(seed: int = 0, **kw: Any) -> nn.Module:
+def _random_only(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise ValueError(f"{name} is random and has no pretrained weights (pretrained=False is its only mode); "
+                         "use a real preset such as sd15 for weights")
+
+
+@register_backbone("test_sd", accepts=(DiffusionBackbone.__init__,))
+def test_sd(seed: int = 0, pretrained: bool = False, **kw: Any) -> nn.Module:
     """Tiny random SD 1.x-shaped backbone (offline, milliseconds); see ``backbones/tiny.py``."""
-    from .diffusion import DiffusionBackbone
     from .tiny import tiny_sd_components
 
+    _random_only("test_sd", pretrained)
     return DiffusionBackbone(**tiny_sd_components(seed=seed), name_or_path="test_sd", **kw)
 
 
-@register_backbone("test_sd2")
-def test_sd2(seed: int = 0, **kw: Any) -> nn.Module:
+@register_backbone("test_sd2", accepts=(DiffusionBackbone.__init__,))
+def test_sd2(seed: int = 0, pretrained: bool = False, **kw: Any) -> nn.Module:
     """Tiny random SD 2.x-shaped backbone (linear projections, v-prediction)."""
-    from .diffusion import DiffusionBackbone
     from .tiny import tiny_sd_components
 
+    _random_only("test_sd2", pretrained)
     return DiffusionBackbone(**tiny_sd_components(seed=seed, sd2=True), name_or_path="test_sd2", **kw)
 
 
-@register_backbone("digits")
+@register_backbone("test_sdxl", accepts=(DiffusionBackbone.__init__, SDXLBackbone.__init__))
+def test_sdxl(seed: int = 0, pretrained: bool = False, original_size: tuple[int, int] | None = None,
+              crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+              **kw: Any) -> nn.Module:
+    """Tiny random SDXL-shaped backbone (two text encoders, added conditions); see ``tiny_sdxl_components``."""
+    from .tiny import tiny_sdxl_components
+
+    _random_only("test_sdxl", pretrained)
+    return SDXLBackbone(**tiny_sdxl_components(seed=seed), name_or_path="test_sdxl", original_size=original_size,
+                        crops_coords_top_left=crops_coords_top_left, target_size=target_size, **kw)
+
+
+@register_backbone("digits", accepts=_SD_ACCEPTS)
 def digits(**kw: Any) -> nn.Module:
     """The bundled digits model (32x32 images, trained by scripts/train_digits.py)."""
-    from .diffusion import DiffusionBackbone
-
     kw.setdefault("layers", "vpd")
     return DiffusionBackbone.from_pretrained(bundled_model_path(), **kw)
+
 
 # presets defined beside their classes register on import
 from . import dinov2 as _dinov2  # noqa: E402,F401
