@@ -83,12 +83,13 @@ def image_seed(seed: int, rel: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{rel}".encode()).digest()[:8], "little") >> 1
 
 
-def read_prompt_file(path: str | os.PathLike, images: list[str], what: str = "--prompt-file") -> dict[str, str]:
+def read_prompt_file(path: str | os.PathLike, images: list[str], what: str = "--prompt-file",
+                     require_all: bool = True) -> dict[str, str]:
     """``<relative path>\\t<prompt>`` lines (the path with or without its suffix) -> {relative path: prompt}.
 
     Raises:
-        FileNotFoundError / ValueError: a missing file, a line without a tab, an unknown image, or an
-        image without a prompt (the first few are named).
+        FileNotFoundError / ValueError: a missing file, a line without a tab, an unknown image, or (with
+        ``require_all``) an image without a prompt (the first few are named).
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -106,7 +107,7 @@ def read_prompt_file(path: str | os.PathLike, images: list[str], what: str = "--
                              f"{images[0]!r})")
         prompts[by_key[key.strip()]] = text.strip()
     missing = [r for r in images if r not in prompts]
-    if missing:
+    if missing and require_all:
         raise ValueError(f"{what} {file} has no prompt for {len(missing)} image(s), e.g. {', '.join(missing[:3])}")
     return prompts
 

@@ -155,10 +155,18 @@ def predict_folder(ckpt_path: str | os.PathLike, images_dir: str | os.PathLike, 
     if name == "refseg" and sentences is None:
         raise ValueError("a referring segmentation checkpoint needs --sentences FILE ('<image path>\\t<sentence>' "
                          "lines, one per image)")
-    texts = read_prompt_file(sentences, rels, "--sentences") if name == "refseg" else {}
+    texts = read_prompt_file(sentences, rels, "--sentences", require_all=False) if name == "refseg" else {}
+    if name == "refseg":
+        missing = [r for r in rels if r not in texts]
+        if len(missing) == len(rels):
+            raise ValueError(f"--sentences {sentences} names none of the images (e.g. {rels[0]!r})")
     summary, root, out = PredictSummary(task=name), Path(images_dir).expanduser(), Path(out)
     param = next(model.parameters())
     for rel in tqdm(rels, desc=f"predict {name}", unit="img", file=err):
+        if name == "refseg" and rel not in texts:
+            summary.skipped.append((rel, "no sentence in --sentences"))
+            tqdm.write(f"skipped {rel}: no sentence in --sentences", file=err)
+            continue
         try:
             image = to_tensor(open_image(root / rel, name=rel))  # (3, H, W)
         except UnreadableImageError as e:
@@ -168,11 +176,12 @@ def predict_folder(ckpt_path: str | os.PathLike, images_dir: str | os.PathLike, 
             tqdm.write(f"skipped unreadable image {e}", file=err)
             continue
         x = _resize(image[None], size).to(param.device, param.dtype)
-        with torch.no_grad():
+        # autocast as well: the tasks build float32 tensors of their own (prompt tables) at run time
+        with torch.no_grad(), torch.autocast(param.device.type, param.dtype, enabled=param.dtype != torch.float32):
             pred = _predict_one(name, model, x, tuple(image.shape[-2:]), texts.get(rel))
         summary.written[rel] = _save(name, model, image, pred, out / image_name(rel), texts.get(rel))
     print(f"predict: wrote {name} predictions of {len(summary.written)} of {len(rels)} images to {out}", file=err)
     if summary.skipped:
-        print(f"predict: skipped {len(summary.skipped)} unreadable image(s): "
+        print(f"predict: skipped {len(summary.skipped)} image(s) (unreadable or without a sentence): "
               f"{', '.join(n for n, _ in summary.skipped)}", file=err)
     return summary
