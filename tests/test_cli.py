@@ -252,7 +252,7 @@ def _checkpoint(recipe: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("recipe", list(SMALL))
-def test_predict_a_folder_with_a_checkpoint(recipe, tmp_path, capsys, seen_dtypes):
+def test_predict_a_folder_with_a_checkpoint(recipe, tmp_path, capsys, seen_dtypes, monkeypatch):
     images = tmp_path / "mine"
     (images / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -261,7 +261,16 @@ def test_predict_a_folder_with_a_checkpoint(recipe, tmp_path, capsys, seen_dtype
     (images / "broken.png").write_bytes(b"no")
     (tmp_path / "s.txt").write_text("a.jpg\tthe left thing\nsub/b\tthe cat\n")
     ckpt = _checkpoint(recipe, tmp_path / "task.ckpt")
-    seen_dtypes.clear()
+    import diffperc.predict
+
+    real_load = diffperc.predict.load_task
+
+    def load_then_forget(*args, **kwargs):  # building the task probes its backbone once in fp32, before the cast
+        loaded = real_load(*args, **kwargs)
+        seen_dtypes.clear()
+        return loaded
+
+    monkeypatch.setattr(diffperc.predict, "load_task", load_then_forget)
     out = tmp_path / "pred"
     assert main(["predict", str(images), "--ckpt_path", str(ckpt), "--out", str(out), "--recursive", "--device", "cpu",
                  "--dtype", "bfloat16", "--sentences", str(tmp_path / "s.txt")]) == 0
