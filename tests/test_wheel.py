@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contains_every_recipe_and_the_bundled_model(tmp_path):
+    # built from a copy: an in-tree build would leave build/ in the repository (and reuse stale files from it)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", ".venv",
+                                                                             "__pycache__", "lightning_logs*"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300,
+                          "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("diffperc-*.whl")
