@@ -308,3 +308,33 @@ def test_classify_and_correspond_folders_write_json_and_csv(image_dir, tmp_path,
     assert main(["correspond", str(image_dir / "a.png"), str(image_dir), "--model", "test_sd", "--size", "32",
                  "--points", "5,6", "--out", str(pics), "--device", "cpu"]) == 0
     assert sorted(p.name for p in pics.iterdir()) == ["a.png", "b.png", "c.png", "matches.json"]
+
+
+def test_index_add_query_and_serve_compute_in_bf16(image_dir, tmp_path, seen_dtypes, monkeypatch, capsys):
+    """An index built in fp32 opens in bf16 (the fingerprint is of the weights as loaded) and embeds in bf16."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    idx = str(tmp_path / "idx")
+    assert main(["index", "build", "--images", str(image_dir), "--out", idx, "--model", "test_sd", "--image-size", "32",
+                 "--device", "cpu"]) == 0
+    bf16 = ["--device", "cpu", "--dtype", "bfloat16"]
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(more / "d.png")
+    seen_dtypes.clear()
+    assert main(["index", "add", "--index", idx, "--images", str(more), *bf16]) == 0
+    assert main(["index", "query", "--index", idx, str(image_dir / "a.png"), "--json", *bf16]) == 0
+    assert seen_dtypes == {torch.bfloat16}
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("["):])[0]["id"] == "a"
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--index", idx, *bf16]) == 0
+    seen_dtypes.clear()
+    with TestClient(apps[0]) as client:
+        r = client.post("/v1/search", files={"image": ("q.png", (image_dir / "a.png").read_bytes(), "image/png")},
+                        data={"k": "2"})
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == "a"
+    assert seen_dtypes == {torch.bfloat16}
