@@ -1,41 +1,34 @@
-"""The work behind ``diffperc demo``, ``diffperc extract`` and ``diffperc info`` (see ``cli.py``).
+"""The work behind ``diffperc demo`` and ``diffperc info`` (their parsers: ``diffperc/cli/``).
 
 Each command is a plain function, callable from Python and tests:
 
 - :func:`run_demo`: held-out digits captioned with their class -> PNGs of the PCA of every
   feature layer and of every prompt token's cross-attention map (``viz.py``).
-- :func:`run_extract`: a folder of images -> features in safetensors, written atomically.
 - :func:`model_info`: feature layers, cross-attention layers with their reductions, sizes,
   parameter counts and the scheduler of a model.
+
+``diffperc extract`` is :func:`diffperc.extract.extract_features`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, viz
-from ._io import IMAGE_SUFFIXES, atomic_file, list_images, write_text_atomic
-from .backbones.registry import load_backbone
+from ._io import write_text_atomic
+from .devices import load_backbone
 
-__all__ = ["ExtractSummary", "IMAGE_SUFFIXES", "UnreadableImageError", "model_info", "native_size",
-           "prompt_tokens", "run_demo", "run_extract"]
+__all__ = ["model_info", "native_size", "parse_layers", "prompt_tokens", "run_demo"]
 
 _CELL = 96  # pixels per picture in the demo grids
-
-
-class UnreadableImageError(OSError):
-    """An image file that PIL cannot read (raised by ``extract --strict``)."""
 
 
 def native_size(bb: nn.Module) -> int:
@@ -54,7 +47,7 @@ def prompt_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[str]]:
     return ids, [names.get(t, t.replace("</w>", "")) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
-def _parse_layers(layers: str) -> str | list[str]:
+def parse_layers(layers: str) -> str | list[str]:
     """``"vpd"``/``"dift"`` stay presets; ``"a, b"`` -> ``["a", "b"]``."""
     return layers if layers in ("vpd", "dift") else [name.strip() for name in layers.split(",") if name.strip()]
 
@@ -83,7 +76,8 @@ def _run_batched(bb: nn.Module, images: Tensor, prompts: list[str], batch_size: 
     feats, maps = [], []
     for s in tqdm(range(0, len(images), batch_size), desc="backbone", unit="batch", file=sys.stderr):
         with torch.no_grad():
-            out = bb(images[s : s + batch_size].to(bb.device), prompts=prompts[s : s + batch_size], generator=gen)
+            out = bb(images[s : s + batch_size].to(bb.device, bb.dtype), prompts=prompts[s : s + batch_size],
+                     generator=gen)
         feats.append([f.float().cpu() for f in out.features])
         maps.append({r: m.float().cpu() for r, m in (out.attention or {}).items()})
     return [torch.cat(fs) for fs in zip(*feats, strict=True)], {r: torch.cat([m[r] for m in maps]) for r in maps[0]}
@@ -127,7 +121,8 @@ def _word_figure(images: Tensor, words: list[str], spans: list[list[int]], n_tok
 
 def run_demo(model: str = "digits", out: str | os.PathLike = "diffperc_demo", n: int = 8, timestep: int = 1,
              add_noise: bool = False, size: int | None = None, prompt: str = "a photo of the digit {}",
-             batch_size: int = 8, seed: int = 0, log: TextIO | None = None) -> list[Path]:
+             batch_size: int = 8, seed: int = 0, log: TextIO | None = None, device: str | torch.device | None = None,
+             torch_dtype: str | torch.dtype | None = None) -> list[Path]:
     """Write the demo PNGs (and a README.txt describing them) to ``out``; print and return their paths.
 
     Args:
@@ -140,13 +135,16 @@ def run_demo(model: str = "digits", out: str | os.PathLike = "diffperc_demo", n:
         batch_size: images per backbone call.
         seed: seed of the noise.
         log: where the written paths are printed (default stdout).
+        device, torch_dtype: where and in which precision the model runs (default: cuda when
+            available, float32).
     """
     from .data.digits import CLASS_WORDS
 
     if not 1 <= n <= 200:
         raise ValueError(f"--n must be between 1 and 200 (the held-out digits have ~29 per class), got {n}")
     log = log or sys.stdout
-    bb = load_backbone(model, layers="vpd", timestep=timestep, add_noise=add_noise, attention=True).eval()
+    bb = load_backbone(model, device=device, torch_dtype=torch_dtype, layers="vpd", timestep=timestep,
+                       add_noise=add_noise, attention=True)
     size = size or native_size(bb)
     images, labels = _demo_images(n, size)
     words = [CLASS_WORDS[int(label)] for label in labels]
@@ -191,133 +189,6 @@ def _write_readme(out: Path, bb: nn.Module, model: str, size: int, timestep: int
     return path
 
 
-# ---------------------------------------------------------------------------- extract
-@dataclass
-class ExtractSummary:
-    """What ``run_extract`` did: images written, unreadable ones skipped (name, reason), files ignored."""
-
-    written: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    outputs: list[Path] = field(default_factory=list)
-
-
-def _read_image(path: Path, size: int) -> Tensor:
-    """(3, size, size) float in [0, 1]; any PIL failure becomes :class:`UnreadableImageError`."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UnreadableImageError(f"{path.name}: {type(err).__name__}: {err}") from err
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
-
-
-def run_extract(images_dir: str | os.PathLike, out: str | os.PathLike, model: str = "digits",
-                layers: str = "vpd", timestep: int | None = None, add_noise: bool | None = None,
-                ensemble_size: int = 1, prompt: str = "", size: int | None = None, batch_size: int = 8,
-                dtype: str = "float32", seed: int = 0, strict: bool = False,
-                err: TextIO | None = None) -> ExtractSummary:
-    """Backbone features of every image of a folder, to safetensors (see ``diffperc extract --help``).
-
-    Args:
-        images_dir: folder of images (sorted by name; other files are listed as ignored).
-        out: ``*.safetensors`` -> one file, keys ``"<stem>/<layer>"``; otherwise a folder with
-            one ``<stem>.safetensors`` per image, keys ``"<layer>"``. Tensors are (C, S/r, S/r).
-        model, layers, timestep, add_noise, ensemble_size, prompt: backbone and its options
-            (None: the backbone's default).
-        size: images are resized to size x size (aspect not kept); default :func:`native_size`.
-        batch_size: images per backbone call.
-        dtype: dtype of the stored tensors.
-        seed: seed of the noise (features depend on it only when noise is added).
-        strict: raise :class:`UnreadableImageError` at the first unreadable image instead of
-            skipping it (skips are always reported on ``err`` and counted).
-        err: stream for the report (default stderr).
-    """
-    err = err or sys.stderr
-    images, ignored = list_images(Path(images_dir))
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}")
-    kwargs: dict[str, Any] = {"layers": _parse_layers(layers),
-                              "ensemble_size": ensemble_size}
-    kwargs.update({k: v for k, v in (("timestep", timestep), ("add_noise", add_noise)) if v is not None})
-    bb = load_backbone(model, **kwargs).eval()
-    size = size or native_size(bb)
-    if size % bb.size_multiple:
-        raise ValueError(f"--size {size} is not a multiple of {bb.size_multiple}: use "
-                         f"{max(bb.size_multiple, size // bb.size_multiple * bb.size_multiple)}")
-    out, gen = Path(out), torch.Generator().manual_seed(seed)
-    single_file = out.suffix == ".safetensors"
-    store: dict[str, Tensor] = {}
-    summary = ExtractSummary(ignored=ignored)
-    with tqdm(total=len(images), desc="extract", unit="img", file=err) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch, names = _read_batch(chunk, size, strict, summary, err)
-            bar.update(len(chunk))
-            if not batch:
-                continue
-            with torch.no_grad():
-                feats = bb(torch.stack(batch).to(bb.device, bb.dtype), prompts=prompt, generator=gen).features
-            for i, stem in enumerate(names):
-                per_image = {layer: f[i].to("cpu", getattr(torch, dtype)).clone()  # (C, S/r, S/r), own storage
-                             for layer, f in zip(bb.layers, feats, strict=True)}
-                if single_file:
-                    store.update({f"{stem}/{k}": v for k, v in per_image.items()})
-                else:
-                    meta = _metadata(bb, model, size, prompt, [stem])
-                    summary.outputs.append(_save(per_image, out / f"{stem}.safetensors", meta))
-            summary.written += names
-    if single_file and summary.written:
-        summary.outputs.append(_save(store, out, _metadata(bb, model, size, prompt, summary.written)))
-    _report(summary, out, err)
-    return summary
-
-
-def _read_batch(paths: list[Path], size: int, strict: bool, summary: ExtractSummary,
-                err: TextIO) -> tuple[list[Tensor], list[str]]:
-    """Read images; unreadable ones raise (strict) or are reported on ``err`` and recorded as skipped."""
-    batch, names = [], []
-    for path in paths:
-        try:
-            batch.append(_read_image(path, size))
-            names.append(path.stem)
-        except UnreadableImageError as e:
-            if strict:
-                raise UnreadableImageError(f"{e} (--strict stops at the first unreadable image)") from e
-            summary.skipped.append((path.name, str(e)))
-            tqdm.write(f"skipped unreadable image {e}", file=err)
-    return batch, names
-
-
-def _metadata(bb: nn.Module, model: str, size: int, prompt: str, stems: list[str]) -> dict[str, str]:
-    info = bb.feature_info
-    return {"diffperc_version": __version__, "model": model, "size": str(size), "prompt": prompt,
-            "layers": json.dumps(info.names()), "channels": json.dumps(info.channels()),
-            "reductions": json.dumps(info.reductions()), "images": json.dumps(stems),
-            "backbone_config": json.dumps(bb.config, default=str)}
-
-
-def _save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return path
-
-
-def _report(summary: ExtractSummary, out: Path, err: TextIO) -> None:
-    total = len(summary.written) + len(summary.skipped)
-    print(f"extract: wrote features of {len(summary.written)} of {total} images to {out}", file=err)
-    if summary.skipped:
-        print(f"extract: skipped {len(summary.skipped)} unreadable image(s): "
-              f"{', '.join(n for n, _ in summary.skipped)}", file=err)
-    if summary.ignored:
-        print(f"extract: ignored {len(summary.ignored)} file(s) without an image suffix: "
-              f"{', '.join(summary.ignored[:10])}{' ...' if len(summary.ignored) > 10 else ''}", file=err)
-    if not summary.written:
-        print("extract: error: no image could be read; nothing was written", file=err)
-
-
 # ---------------------------------------------------------------------------- info
 def attention_reductions(bb: nn.Module) -> dict[str, int]:
     """Cross-attention layer path -> image reduction r of its maps, measured by one tiny UNet forward."""
@@ -345,14 +216,16 @@ def _count(module: nn.Module | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def model_info(model: str, layers: str = "vpd") -> str:
+def model_info(model: str, layers: str = "vpd", device: str | torch.device | None = None,
+               torch_dtype: str | torch.dtype | None = None) -> str:
     """A readable description of a model's backbone (what ``diffperc info`` prints)."""
-    bb = load_backbone(model, layers=_parse_layers(layers))
+    bb = load_backbone(model, device=device, torch_dtype=torch_dtype, layers=parse_layers(layers))
     sched = bb.scheduler.config
     lines = [f"model: {model} ({type(bb).__name__})",
              f"size_multiple: {bb.size_multiple} (images must be multiples of it); native size: {native_size(bb)}",
              f"scheduler: {type(bb.scheduler).__name__}, prediction_type={sched.prediction_type}, "
              f"num_train_timesteps={sched.num_train_timesteps}, beta_schedule={sched.beta_schedule}",
+             f"device: {bb.device}, dtype: {str(bb.dtype).removeprefix('torch.')}",
              f"tokenizer: max length {bb.tokenizer.model_max_length}, vocabulary {len(bb.tokenizer)}",
              "parameters: " + ", ".join(f"{n} {_count(getattr(bb, n, None))}" for n in ("unet", "vae", "text_encoder")),
              "", f"feature_info (layers={layers!r}):", f"  {'name':<40} {'channels':>8} {'reduction':>9}"]

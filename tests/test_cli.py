@@ -139,3 +139,202 @@ def test_demo_writes_readable_pngs(tmp_path, capsys):
         with Image.open(p) as im:
             assert im.width > 100 and im.height > 50
     assert (out / "README.txt").exists()
+
+
+# ---------------------------------------------------------------------------- issue 12: structure, device, recipes
+HEAVY = ("torch", "lightning", "diffusers", "transformers", "faiss")
+COMMANDS = ("recipes", "demo", "extract", "info", "classify", "correspond", "index", "serve", "predict")
+
+
+def test_parsers_import_nothing_heavy():
+    """`diffperc --help` and every `diffperc X --help` build their parsers without torch or Lightning."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom diffperc.cli import main\n"
+            f"for argv in [['--help']] + [[c, '--help'] for c in {COMMANDS!r}]:\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert "--device DEVICE" in res.stdout and "--dtype {float32,float16,bfloat16}" in res.stdout
+
+
+@pytest.fixture
+def seen_dtypes():
+    """Output dtypes of every Conv2d / Linear run while the fixture is active (a global forward hook)."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and isinstance(output, torch.Tensor):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()
+
+
+def _bf16_argv(cmd: str, image_dir: Path, tmp_path: Path) -> list[str]:
+    a, b = str(image_dir / "a.png"), str(image_dir / "b.jpg")
+    return {"demo": ["demo", "--model", "test_sd", "--out", str(tmp_path / "demo"), "--n", "1"],
+            "extract": ["extract", str(image_dir), "--model", "test_sd", "--size", "32", "--out",
+                        str(tmp_path / "f.safetensors")],
+            "info": ["info", "test_sd"],
+            "classify": ["classify", a, "--classes", "cat,dog", "--model", "test_sd", "--samples", "2", "--size", "32"],
+            "correspond": ["correspond", a, b, "--model", "test_sd", "--size", "32", "--points", "5,6",
+                           "--out", str(tmp_path / "m.png")],
+            "index": ["index", "build", "--images", str(image_dir), "--out", str(tmp_path / "idx"), "--model", "test_sd",
+                      "--image-size", "32"]}[cmd]
+
+
+@pytest.mark.parametrize("cmd", ["demo", "extract", "info", "classify", "correspond", "index"])
+def test_every_command_computes_in_bf16(cmd, image_dir, tmp_path, seen_dtypes, capsys):
+    assert main([*_bf16_argv(cmd, image_dir, tmp_path), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert seen_dtypes == {torch.bfloat16}, capsys.readouterr().err
+
+
+def test_device_errors_name_the_option(monkeypatch, image_dir, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["info", "test_sd", "--device", "cuda"]) == 1
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert main(["info", "test_sd", "--device", "gpu0"]) == 1
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "test_sd", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_recipes_list_show_and_fit_by_name(capsys, monkeypatch):
+    from diffperc.recipes import config_dir, list_recipes
+
+    yamls = sorted(p.relative_to(ROOT / "configs").with_suffix("").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+    assert list_recipes() == yamls and config_dir().resolve() == (ROOT / "configs").resolve()
+    assert main(["recipes", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == yamls and "VPD depth on NYUv2" in out[yamls.index("depth/nyu_vpd_sd15")]
+    assert main(["recipes", "show", "nyu_vpd_sd15"]) == 0
+    assert capsys.readouterr().out == (ROOT / "configs/depth/nyu_vpd_sd15.yaml").read_text()
+    assert main(["recipes", "show", "nyu_vpd_sd51"]) == 1
+    assert "unknown recipe 'nyu_vpd_sd51'. Did you mean: nyu_vpd_sd15" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["diffperc", "fit", "--config", "probe/digits_probe_digits", "--print_config"])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exc:
+        warnings.simplefilter("always")
+        main()  # as the console script calls it: arguments from sys.argv
+    assert exc.value.code == 0 and "class_path: diffperc.tasks.probe.ProbeTask" in capsys.readouterr().out
+    assert not [w for w in caught if "args" in str(w.message) and "command line" in str(w.message)]
+    assert main(["fit", "--config", "depth/nyu_vpd_sd1"]) == 1
+    assert "Did you mean: depth/nyu_vpd_sd15" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- predict on a folder, classify/correspond out
+SMALL = {"depth/nyu_vpd_sd15": ['--model.init_args.templates=["a photo of a {}."]', "--model.init_args.neck_channels=16",
+                                "--model.init_args.deconv_channels=8", "--model.init_args.num_deconv=1",
+                                "--model.init_args.decoder_channels=8"],
+         "semseg/ade20k_vpd_sd15": ['--model.init_args.templates=["a photo of a {}."]', "--model.init_args.fpn_channels=8",
+                                    "--model.init_args.head_channels=4", "--model.init_args.num_classes=3",
+                                    '--model.init_args.class_names=["sky","road","tree"]'],
+         "refseg/refcoco_vpd_sd15": ["--model.init_args.max_tokens=8", "--model.init_args.hidden=8"]}
+
+
+def _checkpoint(recipe: str, path: Path) -> Path:
+    """A task checkpoint as `diffperc fit` writes it (LightningCLI hyperparameters with `_class_path`), untrained."""
+    import lightning
+
+    cli = cli_main(["--config", recipe, "--model.init_args.backbone=test_sd", *SMALL[recipe],
+                    "--data=diffperc.data.fake.FakeDataModule", "--trainer.logger=false"], run=False)
+    torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", list(SMALL))
+def test_predict_a_folder_with_a_checkpoint(recipe, tmp_path, capsys, seen_dtypes, monkeypatch):
+    images = tmp_path / "mine"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / "sub" / "b.png")
+    (images / "broken.png").write_bytes(b"no")
+    (tmp_path / "s.txt").write_text("a.jpg\tthe left thing\nsub/b\tthe cat\n")
+    ckpt = _checkpoint(recipe, tmp_path / "task.ckpt")
+    import diffperc.predict
+
+    real_load = diffperc.predict.load_task
+
+    def load_then_forget(*args, **kwargs):  # building the task probes its backbone once in fp32, before the cast
+        loaded = real_load(*args, **kwargs)
+        seen_dtypes.clear()
+        return loaded
+
+    monkeypatch.setattr(diffperc.predict, "load_task", load_then_forget)
+    out = tmp_path / "pred"
+    assert main(["predict", str(images), "--ckpt_path", str(ckpt), "--out", str(out), "--recursive", "--device", "cpu",
+                 "--dtype", "bfloat16", "--sentences", str(tmp_path / "s.txt")]) == 0
+    assert seen_dtypes == {torch.bfloat16}
+    assert "skipped 1 image(s)" in capsys.readouterr().err and "broken.png" not in {p.name for p in out.rglob("*")}
+    raw = {"depth": "_depth_mm", "semseg": "_labels", "refseg": "_mask"}[recipe.split("/")[0]]
+    for rel, hw in (("a", (40, 56)), ("sub/b", (32, 32))):
+        with Image.open(out / f"{rel}{raw}.png") as im:
+            assert im.size == hw[::-1]
+            values = np.asarray(im)
+        with Image.open(out / f"{rel}.png") as im:
+            im.load()
+        if raw == "_depth_mm":
+            assert values.dtype == np.uint16 and 0 < values.max() <= 10000
+        elif raw == "_labels":
+            assert values.max() < 3
+        else:
+            assert set(np.unique(values)) <= {0, 255}
+
+
+def test_classify_and_correspond_folders_write_json_and_csv(image_dir, tmp_path, capsys):
+    out = tmp_path / "labels.json"
+    assert main(["classify", str(image_dir), "--classes", "cat,dog", "--model", "test_sd", "--samples", "2",
+                 "--size", "32", "--out", str(out), "--device", "cpu"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["image"] for r in rows] == ["a.png", "b.jpg", "c.png"]
+    assert all(r["pred"] == r["ranking"][0] and set(r["errors"]) == {"cat", "dog"} for r in rows)
+    assert "skipped 1 unreadable: broken.png" in capsys.readouterr().err
+    csv_out = tmp_path / "m.csv"
+    assert main(["correspond", str(image_dir / "a.png"), str(image_dir), "--model", "test_sd", "--size", "32",
+                 "--points", "5,6;10,12", "--out", str(csv_out), "--device", "cpu"]) == 0
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "target,point,src_x,src_y,trg_x,trg_y,mutual" and len(lines) == 1 + 3 * 2
+    pics = tmp_path / "pics"
+    assert main(["correspond", str(image_dir / "a.png"), str(image_dir), "--model", "test_sd", "--size", "32",
+                 "--points", "5,6", "--out", str(pics), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in pics.iterdir()) == ["a.png", "b.png", "c.png", "matches.json"]
+
+
+def test_index_add_query_and_serve_compute_in_bf16(image_dir, tmp_path, seen_dtypes, monkeypatch, capsys):
+    """An index built in fp32 opens in bf16 (the fingerprint is of the weights as loaded) and embeds in bf16."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    idx = str(tmp_path / "idx")
+    assert main(["index", "build", "--images", str(image_dir), "--out", idx, "--model", "test_sd", "--image-size", "32",
+                 "--device", "cpu"]) == 0
+    bf16 = ["--device", "cpu", "--dtype", "bfloat16"]
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(more / "d.png")
+    seen_dtypes.clear()
+    assert main(["index", "add", "--index", idx, "--images", str(more), *bf16]) == 0
+    assert main(["index", "query", "--index", idx, str(image_dir / "a.png"), "--json", *bf16]) == 0
+    assert seen_dtypes == {torch.bfloat16}
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("["):])[0]["id"] == "a"
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--index", idx, *bf16]) == 0
+    seen_dtypes.clear()
+    with TestClient(apps[0]) as client:
+        r = client.post("/v1/search", files={"image": ("q.png", (image_dir / "a.png").read_bytes(), "image/png")},
+                        data={"k": "2"})
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == "a"
+    assert seen_dtypes == {torch.bfloat16}

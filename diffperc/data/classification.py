@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import IMAGE_SUFFIXES
+from ..images import UnreadableImageError, open_image, to_rgb8
 
 __all__ = ["CIFAR10_FOLDER", "Cifar10DataModule", "Cifar10Dataset", "IMAGE_SUFFIXES", "ImageFolderDataModule",
            "cifar10_classes", "cifar10_folder",
@@ -106,10 +107,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                image = pil_resize_center_crop(img, self.image_size)
-        except OSError as err:
+        try:  # diffperc.images: EXIF orientation, alpha over white, allow-listed decoders
+            image = pil_resize_center_crop(to_rgb8(open_image(path)), self.image_size)
+        except UnreadableImageError as err:
             raise OSError(f"cannot read image {path}: {err}") from err
         return {"image": image, "label": torch.tensor(label)}
 

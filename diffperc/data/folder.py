@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..images import load_image
 from ._dense import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -33,7 +34,6 @@ from ._dense import (
     check_dir,
     crop,
     hflip,
-    load_rgb,
     pad_to,
     random_crop_box,
     read_depth_png,
@@ -118,7 +118,7 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         name = self.names[index]
         image_path = _image_path(self.root, name)
-        image, target = load_rgb(image_path), self._read_target(name)
+        image, target = load_image(image_path), self._read_target(name)  # (3, H, W): EXIF, 16-bit, alpha handled
         if image.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"image {image_path} is {tuple(image.shape[-2:])} (HxW) but its {self.target} map is "
                              f"{tuple(target.shape[-2:])}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .._io import IMAGE_SUFFIXES, atomic_dir, list_images
+from ..cli._options import add_device_options
 
 __all__ = ["IMAGE_SUFFIXES", "add_images", "add_parser", "build_index", "index_stats", "main", "query_index", "run"]
 
@@ -63,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (default: 32)")
         p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip "
                        "and count)")
+    for p in (build, add, query):
+        add_device_options(p)
 
     serve = subparsers.add_parser("serve", help="serve an index over HTTP (FastAPI; OpenAPI page at /docs)",
                                   description="Search and grow an index over HTTP. Every route but /healthz needs "
@@ -75,9 +78,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: 20)")
     serve.add_argument("--max-k", type=int, default=100, help="largest k of a search (default: 100)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_device_options(serve)
 
 
 # ---------------------------------------------------------------------------- work
+def place_embedder(embedder, device=None, torch_dtype=None):
+    """Move an OriginEmbedder to ``device`` / ``torch_dtype`` (default: cuda when available, float32).
+
+    The fingerprint is taken first, from the weights as loaded, so an index built in bf16 on a GPU
+    opens in fp32 on a CPU (and the other way round).
+    """
+    from ..devices import resolve_device, resolve_dtype
+
+    embedder.fingerprint()
+    return embedder.to(device=resolve_device(device), dtype=resolve_dtype(torch_dtype))
+
+
 def _list_images(folder: Path) -> list[Path]:
     images, _ = list_images(folder, "--images", "their references (the id)")
     if not images:
@@ -121,7 +137,7 @@ def _embed_folder(index, embedder, images: list[Path], batch_size: int, strict: 
 
 def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", projection: str | None = None,
                 factory: str = "Flat", image_size: int | None = None, batch_size: int = 32, strict: bool = False,
-                overwrite: bool = False, err: TextIO | None = None) -> dict[str, int]:
+                overwrite: bool = False, err: TextIO | None = None, device=None, torch_dtype=None) -> dict[str, int]:
     """Embed every image of ``images_dir`` into a new index at ``out`` (built in a temp folder, then renamed).
 
     Trained factories (IVF, PQ) are trained on a sample of all the references, so they are
@@ -135,7 +151,7 @@ def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", 
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} exists: pick a new folder, use `diffperc index add`, or --overwrite")
     images = _list_images(Path(images_dir))
-    embedder = OriginEmbedder.from_model(model, projection, image_size=image_size)
+    embedder = place_embedder(OriginEmbedder.from_model(model, projection, image_size=image_size), device, torch_dtype)
     with atomic_dir(out) as tmp:
         embedder.save_config(tmp)
         index = OriginIndex.create(tmp, embedder.dim, factory=factory)
@@ -167,7 +183,7 @@ def _build_trained(index, embedder, images: list[Path], batch_size: int, strict:
 
 
 def add_images(index_dir: str | Path, images_dir: str | Path, batch_size: int = 32, strict: bool = False,
-               err: TextIO | None = None) -> dict[str, int]:
+               err: TextIO | None = None, device=None, torch_dtype=None) -> dict[str, int]:
     """Embed the images of ``images_dir`` not yet in the index (by id) with the index's own embedder."""
     from .embedder import OriginEmbedder
     from .index import OriginIndex
@@ -175,13 +191,14 @@ def add_images(index_dir: str | Path, images_dir: str | Path, batch_size: int = 
     images = _list_images(Path(images_dir))
     index = OriginIndex.open(index_dir)
     try:
-        return _embed_folder(index, OriginEmbedder.from_config(index_dir), images, batch_size, strict,
-                             err or sys.stderr)
+        embedder = place_embedder(OriginEmbedder.from_config(index_dir), device, torch_dtype)
+        return _embed_folder(index, embedder, images, batch_size, strict, err or sys.stderr)
     finally:
         index.close()
 
 
-def query_index(index_dir: str | Path, image: str | Path, k: int = 5) -> list[dict[str, object]]:
+def query_index(index_dir: str | Path, image: str | Path, k: int = 5, device=None,
+                torch_dtype=None) -> list[dict[str, object]]:
     """The ``k`` best references for one image file: [{"id", "score", "uri"}], best first."""
     from .embedder import OriginEmbedder, read_image
     from .index import OriginIndex
@@ -190,7 +207,8 @@ def query_index(index_dir: str | Path, image: str | Path, k: int = 5) -> list[di
         raise ValueError(f"-k must be >= 1, got {k}")
     index = OriginIndex.open(index_dir)
     try:
-        vector = OriginEmbedder.from_config(index_dir).embed_pil([read_image(Path(image))])
+        embedder = place_embedder(OriginEmbedder.from_config(index_dir), device, torch_dtype)
+        vector = embedder.embed_pil([read_image(Path(image))])
         return [{"id": h.id, "score": h.score, "uri": h.uri} for h in index.search(vector, k)[0]]
     finally:
         index.close(snapshot=False)
@@ -216,23 +234,27 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     name = "serve" if args.command == "serve" else f"index {args.index_command}"
     try:
         if args.command == "serve":
+            from .embedder import OriginEmbedder
             from .service import serve
 
+            embedder = place_embedder(OriginEmbedder.from_config(args.index), args.device, args.dtype)
             serve(args.index, host=args.host, port=args.port, token_file=args.token_file,
-                  max_upload_mb=args.max_upload_mb, max_k=args.max_k, log_level=args.log_level)
+                  max_upload_mb=args.max_upload_mb, max_k=args.max_k, log_level=args.log_level, embedder=embedder)
             return 0
         if args.index_command == "build":
             counts = build_index(args.images, args.out, model=args.model, projection=args.projection,
                                  factory=args.factory, image_size=args.image_size, batch_size=args.batch_size,
-                                 strict=args.strict, overwrite=args.overwrite, err=err)
+                                 strict=args.strict, overwrite=args.overwrite, err=err, device=args.device,
+                                 torch_dtype=args.dtype)
             print(f"built {args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()), file=out)
             return 0 if counts["added"] else 1
         if args.index_command == "add":
-            counts = add_images(args.index, args.images, batch_size=args.batch_size, strict=args.strict, err=err)
+            counts = add_images(args.index, args.images, batch_size=args.batch_size, strict=args.strict, err=err,
+                                device=args.device, torch_dtype=args.dtype)
             print(f"{args.index}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()), file=out)
             return 0
         if args.index_command == "query":
-            hits = query_index(args.index, args.image, k=args.k)
+            hits = query_index(args.index, args.image, k=args.k, device=args.device, torch_dtype=args.dtype)
             if args.json:
                 print(json.dumps(hits, indent=2), file=out)
             else:

@@ -17,7 +17,6 @@ which keeps the released W usable as is. Step-by-step comparison: docs/fidelity/
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -26,15 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
 from .._io import atomic_file, write_bytes_atomic
+from ..images import DEFAULT_MAX_PIXELS, UnreadableImageError, open_image, to_rgb8  # the one image loader
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "OriginEmbedder", "load_projection", "load_vae",
            "read_image", "save_projection", "to_tensor"]
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000x8000: far above any photo, far below a decompression bomb
 LATENT_SAMPLES = ("mean", "sample")
 _TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt")
 
@@ -55,24 +54,10 @@ def read_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
     Raises:
         ImageDecodeError: not an image, truncated or corrupt, or larger than ``max_pixels``.
     """
-    name = "upload" if isinstance(source, bytes) else str(source)
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with Image.open(stream) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageDecodeError(f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of "
-                                       f"{max_pixels / 1e6:.0f} MP (decompression bomb?)")
-            im.load()  # decodes everything: a truncated file fails here, not later
-            return im.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"{name}: decompression bomb: {err}") from err
-    except UnidentifiedImageError as err:
-        raise ImageDecodeError(f"{name}: not an image PIL can read (JPEG, PNG, WebP, ...)") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageDecodeError(f"{name}: truncated or corrupt image ({type(err).__name__}: {err})") from err
+    try:  # diffperc.images: allow-listed decoders, size checked on the header, EXIF, 16-bit scaled
+        return to_rgb8(open_image(source, max_pixels=max_pixels))
+    except (UnreadableImageError, FileNotFoundError) as err:
+        raise ImageDecodeError(str(err)) from err
 
 
 def to_tensor(images: list[Image.Image], size: int) -> Tensor:

@@ -253,8 +253,10 @@ def create_app(index: OriginIndex | str | os.PathLike, embedder: OriginEmbedder 
 
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           token_file: str | os.PathLike | None = None, max_upload_mb: float = 20.0, max_k: int = 100,
-          log_level: str = "info") -> None:
+          log_level: str = "info", embedder: OriginEmbedder | None = None) -> None:
     """Run the service with uvicorn until interrupted (a clean stop writes a snapshot).
+
+    ``embedder``: the index's embedder, placed on its device (default: rebuilt from ``embedder.json``).
 
     Refuses to bind a non-loopback address without a token (``token_file`` or ``$DIFFPERC_TOKEN``).
     """
@@ -264,5 +266,5 @@ def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     if token is None and not is_loopback(host):
         raise ValueError(f"refusing to serve on {host} without a token: anyone who can reach it could add and "
                          "delete references. Pass --token-file FILE or set DIFFPERC_TOKEN, or use --host 127.0.0.1")
-    app = create_app(index_dir, token=token, max_upload_mb=max_upload_mb, max_k=max_k)
+    app = create_app(index_dir, embedder=embedder, token=token, max_upload_mb=max_upload_mb, max_k=max_k)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
