@@ -146,7 +146,7 @@ def train_head(head: OVCISHead, feats: list[torch.Tensor], targets: list[dict[st
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -170,10 +170,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contrasts", type=float, nargs="+", default=[0.05, 0.3])
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
-    p.add_argument("--train", type=int, default=800, help="training scenes")
-    p.add_argument("--test", type=int, default=200, help="test scenes")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train", type=int, default=400, help="training scenes")
+    p.add_argument("--test", type=int, default=100, help="test scenes")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--points", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=64)
