@@ -168,7 +168,7 @@ def evaluate(head: OVCISHead, feats: list[torch.Tensor], targets: list[dict[str,
 # ---------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contrasts", type=float, nargs="+", default=[0.05, 0.3])
+    p.add_argument("--contrasts", type=float, nargs="+", default=[0.3, 0.05])
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     p.add_argument("--train", type=int, default=400, help="training scenes")
     p.add_argument("--test", type=int, default=100, help="test scenes")
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tr_img, tr_tg = camo_scenes(args.train, "train", c, seed=args.seed)
         te_img, te_tg = camo_scenes(args.test, "heldout", c, seed=args.seed + 1)
         for source in args.sources:
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             bb = models.get(source)
             ftr, fte = extract(source, tr_img, bb), extract(source, te_img, bb)
             head = make_head([f.shape[1] for f in ftr], reductions(source, bb), text.shape[1], args.seed, args)
@@ -212,10 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             scores, preds = evaluate(head, fte, te_tg, text, bg, canvas)
             key = f"{source}@{c:g}"
             results[key] = {**{k: round(v, 2) for k, v in scores.items()}, "final_loss": round(float(np.mean(losses[-20:])), 3),
-                            "seconds": round(time.time() - t0, 1)}
+                            "seconds": round(time.time() - t0, 1),
+                            "cpu_seconds": round(time.process_time() - c0, 1)}
             examples[key] = preds[:4]
             print(f"contrast {c:g} {source:12s} AP {scores['ap']:.1f} AP50 {scores['ap50']:.1f} AP75 {scores['ap75']:.1f} "
-                  f"loss {results[key]['final_loss']} ({results[key]['seconds']} s)", flush=True)
+                  f"loss {results[key]['final_loss']} ({results[key]['seconds']} s wall, {results[key]['cpu_seconds']} s CPU)",
+                  flush=True)
+            out_dir.mkdir(parents=True, exist_ok=True)  # partial results survive an interrupted run
+            write_text_atomic(out_dir / "results.json", json.dumps({"args": vars(args), "results": results}, indent=1))
         examples[f"images@{c:g}"] = te_img[:4]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "results.json", json.dumps({"args": vars(args), "results": results}, indent=1))

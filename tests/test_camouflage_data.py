@@ -110,3 +110,16 @@ def test_image_folder_for_predict(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         ImageFolderDataset(tmp_path / "empty")
+
+
+def test_predict_only_datamodule(tmp_path: Path) -> None:
+    _write_image(tmp_path / "x.png", 20, 30, 0)
+    dm = CocoInstanceDataModule(predict_images=str(tmp_path), image_size=16)
+    assert dm.class_names is None  # the task keeps its own vocabulary
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["image"].shape == (1, 3, 16, 16) and batch["name"] == ["x.png"]
+    with pytest.raises(ValueError, match="no train split"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="predict_images"):
+        CocoInstanceDataModule()
+

@@ -209,7 +209,8 @@ class CocoInstanceDataModule(DenseDataModule):
         test_json, test_images: test split (None: the validation split).
         image_size: letterbox side S (a multiple of the backbone's size multiple, e.g. 64 for SD).
         class_agnostic: one class ``"foreground"``; class_names: replace the JSON's names (prompts).
-        predict_images: folder of images for ``predict`` (default: the test images with annotations ignored).
+        predict_images: folder of images for ``predict`` (default: the test images with annotations ignored);
+            alone (no JSON), the module serves ``predict`` only (``diffperc predict`` on a folder).
         batch_size, num_workers, eval_batch_size: see :class:`DenseDataModule`.
         limit: at most this many images per split.
     """
@@ -225,12 +226,14 @@ class CocoInstanceDataModule(DenseDataModule):
         for split, (js, img) in self.splits.items():
             if (js is None) != (img is None):
                 raise ValueError(f"give both {split}_json and {split}_images, or neither")
-        if all(js is None for js, _ in self.splits.values()):
-            raise ValueError("CocoInstanceDataModule needs at least one of train_json, val_json, test_json")
+        has_json = any(js is not None for js, _ in self.splits.values())
+        if not has_json and predict_images is None:
+            raise ValueError("CocoInstanceDataModule needs train_json, val_json, test_json or predict_images")
         self.image_size, self.class_agnostic, self.limit = image_size, class_agnostic, limit
         self.predict_images = predict_images
         self._names = list(class_names) if class_names is not None else None
-        self.class_names = self._names or self._json_names()
+        # predict-only (a folder of images): the task's own class names unless given here
+        self.class_names = self._names or (self._json_names() if has_json else None)
 
     def _json_names(self) -> list[str]:
         js = next(js for js, _ in self.splits.values() if js is not None)
@@ -248,7 +251,7 @@ class CocoInstanceDataModule(DenseDataModule):
             if js is not None:
                 out[split] = CocoInstanceDataset(js, img, self.image_size, train=split == "train",
                                                  class_agnostic=self.class_agnostic, limit=self.limit)
-                if len(out[split].class_names) != len(self.class_names):
+                if self.class_names is not None and len(out[split].class_names) != len(self.class_names):
                     raise ValueError(f"{js} has {len(out[split].class_names)} categories but class_names has "
                                      f"{len(self.class_names)}")
         out.setdefault("val", out.get("test"))
