@@ -179,7 +179,12 @@ def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", 
 
             index = MilvusIndex.create(tmp, embedder.dim, uri=uri, collection=collection, index_type=milvus_index,
                                        overwrite=overwrite, token=os.environ.get("MILVUS_TOKEN") or None)
-            counts = _embed_folder(index, embedder, images, batch_size, strict, err)
+            try:
+                counts = _embed_folder(index, embedder, images, batch_size, strict, err)
+            except BaseException:  # the folder is removed: drop its half-filled collection too
+                index.client.drop_collection(index.collection)
+                index.close(snapshot=False)
+                raise
             index.close()
             return counts
         index = OriginIndex.create(tmp, embedder.dim, factory=factory)
