@@ -20,6 +20,11 @@ whether every acknowledged add is found afterwards.
     python benchmarks/bench_retrieval.py                       # N = 200k, ~5 min on 2 cores
     python benchmarks/bench_retrieval.py --n 1000000           # the issue's size, if time allows
     python benchmarks/bench_retrieval.py --skip-service --json results.json
+    python benchmarks/bench_retrieval.py --skip-indexes --skip-service --backends   # FAISS vs Milvus Lite, 100k
+
+Part 3, backends (``--backends``): the service's two backends at ``--backend-n`` (100k), built and
+searched through :class:`OriginIndex` (FAISS) and :class:`MilvusIndex` (Milvus Lite, a local
+file): build time (adds of 10k + index), p50/p99 of one query, recall@1 against the exact top-1.
 """
 
 from __future__ import annotations
@@ -163,6 +168,96 @@ def print_part1(rows: list[dict], args: argparse.Namespace) -> None:
               f"{r['memory_mb']:.0f} | {base / r['p50_1_ms']:.1f}x faster |")
 
 
+# ---------------------------------------------------------------------------- part 3: FAISS vs Milvus
+def exact_top1(base: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """The exact top-1 (inner product of unit vectors) of each query, in chunks of the database."""
+    best, arg = np.full(len(queries), -np.inf, dtype=np.float32), np.zeros(len(queries), dtype=np.int64)
+    for s in range(0, len(base), 50_000):
+        scores = queries @ base[s : s + 50_000].T
+        i = scores.argmax(1)
+        better = scores[np.arange(len(queries)), i] > best
+        best[better], arg[better] = scores[np.arange(len(queries)), i][better], s + i[better]
+    return arg
+
+
+def bench_backend(make, label: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray,
+                  n_single: int) -> dict:
+    """Build a reference index through the library's classes (what the service runs), then time searches."""
+    start = time.perf_counter()
+    index = make()
+    for s in range(0, len(base), 10_000):
+        index.add(base[s : s + 10_000], [f"r{i}" for i in range(s, min(len(base), s + 10_000))])
+    build_s = time.perf_counter() - start
+    index.search(queries[:1], 10)  # first search: Milvus loads segments, FAISS warms caches
+    single, top1 = [], np.empty(len(queries), dtype=np.int64)
+    for i in range(len(queries)):
+        t = time.perf_counter()
+        hits = index.search(queries[i : i + 1], 10)[0]
+        if i < n_single:
+            single.append((time.perf_counter() - t) * 1000)
+        top1[i] = int(hits[0].id[1:]) if hits else -1
+    index.close(snapshot=False)
+    return {"backend": label, "build_s": build_s, "p50_1_ms": pct(single, 50), "p99_1_ms": pct(single, 99),
+            "recall@1": float(np.mean(top1 == exact)), "n_single": len(single)}
+
+
+def part3(args: argparse.Namespace) -> list[dict]:
+    """The service's two backends at ``--backend-n``: FAISS (OriginIndex) and Milvus Lite (MilvusIndex)."""
+    import faiss
+
+    from diffperc.retrieval.index import OriginIndex
+    from diffperc.retrieval.milvus import MilvusIndex
+
+    faiss.omp_set_num_threads(args.threads)
+    n = args.backend_n
+    base = clustered(n, args.dim, args.clusters, args.spread, seed=0)
+    queries, _ = perturbed_queries(base, args.queries, args.noise, seed=1)
+    exact = exact_top1(base, queries)
+    nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_backends_"))
+    makers = [
+        ("FAISS Flat (baseline)", lambda: OriginIndex.create(tmp / "f_flat", args.dim, "Flat")),
+        (f"FAISS IVF{nlist},Flat nprobe 16", lambda: OriginIndex.create(tmp / "f_ivf", args.dim, f"IVF{nlist},Flat",
+                                                                        nprobe=16)),
+        ("FAISS HNSW32 ef 128", lambda: OriginIndex.create(tmp / "f_hnsw", args.dim, "HNSW32", ef_search=128)),
+        ("Milvus Lite FLAT", lambda: MilvusIndex.create(tmp / "m_flat", args.dim, str(tmp / "m.db"), "flat",
+                                                        index_type="FLAT")),
+        (f"Milvus Lite IVF_FLAT nlist {nlist} nprobe 16", lambda: MilvusIndex.create(
+            tmp / "m_ivf", args.dim, str(tmp / "m.db"), "ivf", index_type="IVF_FLAT",
+            index_params={"nlist": nlist}, nprobe=16)),
+        ("Milvus Lite HNSW M 32 ef 128", lambda: MilvusIndex.create(
+            tmp / "m_hnsw", args.dim, str(tmp / "m.db"), "hnsw", index_type="HNSW",
+            index_params={"M": 32, "efConstruction": 200}, ef_search=128)),
+        ("Milvus Lite AUTOINDEX", lambda: MilvusIndex.create(tmp / "m_auto", args.dim, str(tmp / "m.db"), "auto")),
+    ]
+    print(f"\nbackends: {n:,} x {args.dim}-d, {args.queries} queries", flush=True)
+    rows = []
+    for label, make in makers:
+        if args.backend_filter and not any(f in label for f in args.backend_filter):
+            continue
+        print(f"  {label} ...", end="", flush=True)
+        try:
+            row = bench_backend(make, label, base, queries, exact, args.backend_single)
+        except Exception as err:  # noqa: BLE001 - one backend failing must not lose the others' numbers
+            print(f" failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            continue
+        print(f" build {row['build_s']:.1f} s, p50 {row['p50_1_ms']:.2f} ms, recall@1 {row['recall@1']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def print_part3(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nBackends at N = {args.backend_n:,} x {args.dim}-d through OriginIndex / MilvusIndex, "
+          f"{args.threads} thread(s), batch-1 latency over {rows[0]['n_single']} queries, recall@1 vs exact "
+          "(baseline: FAISS Flat)")
+    print("| backend, index | build s | p50 / p99 ms | recall@1 | p50 vs FAISS Flat |")
+    print("|---|---|---|---|---|")
+    base = rows[0]["p50_1_ms"]
+    for r in rows:
+        print(f"| {r['backend']} | {r['build_s']:.1f} | {r['p50_1_ms']:.2f} / {r['p99_1_ms']:.2f} | "
+              f"{r['recall@1']:.3f} | {base / r['p50_1_ms']:.1f}x |")
+
+
 # ---------------------------------------------------------------------------- part 2
 def _free_port() -> int:
     with socket.socket() as s:
@@ -293,7 +388,6 @@ def print_part2(rows: list[dict], args: argparse.Namespace) -> None:
           f"{args.seconds:.0f} s per row (baseline: no adds)")
     print("| load | searches/s | p50 ms | p99 ms | adds/s | add p99 ms | errors | acknowledged adds missing |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"(batch-1 latency over the first {rows[0]['n_single']} queries for Flat, all {args.queries} for the others)")
     for r in rows:
         add_p99 = f"{r['add_p99_ms']:.1f}" if r["add_p99_ms"] is not None else "-"
         print(f"| {r['load']} | {r['searches_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
@@ -319,6 +413,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each service load")
     parser.add_argument("--skip-indexes", action="store_true")
     parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument("--backends", action="store_true", help="also compare the service's backends, FAISS vs "
+                        "Milvus Lite, through OriginIndex / MilvusIndex (needs pymilvus and milvus-lite)")
+    parser.add_argument("--backend-n", type=int, default=100_000, help="database vectors of the backend comparison")
+    parser.add_argument("--backend-single", type=int, default=300, help="batch-1 queries timed per backend")
+    parser.add_argument("--backend-filter", nargs="*", default=None, help="only backends whose label contains one")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     results: dict = {"args": vars(args)}
@@ -328,6 +427,9 @@ def main() -> None:
     if not args.skip_service:
         results["service"] = part2(args)
         print_part2(results["service"], args)
+    if args.backends:
+        results["backends"] = part3(args)
+        print_part3(results["backends"], args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
 

@@ -1,14 +1,19 @@
 """The HTTP service, run for real: `python -m diffperc.retrieval.cli serve` on a free loopback port.
 
-Checks a search hit, bearer auth (401), 413, 400 (not an image, truncated, decompression
-bomb), 422 (k), that references acknowledged with 201 survive SIGKILL + restart, and that
-concurrent searches and adds all succeed.
+Every test runs against both backends: FAISS (the default) and Milvus (Milvus Lite, ``--uri
+refs.db``; skipped when milvus-lite is not installed). Checks a search hit, bearer auth (401,
+the token file's first line), 413, 400 (not an image, truncated, decompression bomb), 422 (k,
+ids with "/" or too long, bad vectors), 408 for slow headers and bodies, that references
+acknowledged with 201 survive SIGKILL + restart, and that concurrent searches and adds all succeed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -33,6 +38,10 @@ from diffperc.retrieval.service import serve  # noqa: E402
 
 TOKEN = "s3cret-token"
 ROOT = Path(__file__).resolve().parents[1]
+HEADER_TIMEOUT, BODY_TIMEOUT = 2.0, 3.0  # the test server's --header-timeout / --body-timeout
+HAS_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
+BACKENDS = ["faiss", pytest.param("milvus", marks=pytest.mark.skipif(
+    not HAS_MILVUS, reason="the milvus backend tests need pymilvus and milvus-lite: pip install -e '.[milvus]'"))]
 
 
 def _free_port() -> int:
@@ -42,33 +51,44 @@ def _free_port() -> int:
 
 
 class Server:
-    """``diffperc serve`` in a subprocess on 127.0.0.1:<free port>; ``client`` talks HTTP to it."""
+    """``diffperc serve`` in a subprocess on 127.0.0.1:<free port>; ``client`` talks HTTP to it.
 
-    def __init__(self, index_dir: Path, log: Path, token: str | None = TOKEN) -> None:
-        self.index_dir, self.log, self.token = index_dir, log, token
+    The token is read from a token file whose first line is the token (a comment line follows).
+    """
+
+    def __init__(self, index_dir: Path, log: Path, backend: str = "faiss", token: str | None = TOKEN) -> None:
+        self.index_dir, self.log, self.backend, self.token = index_dir, log, backend, token
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> Server:
+    def start(self, timeout: float = 600.0) -> Server:
+        """Start and wait for /healthz: polls quickly at first, fails at once (with the log) if the process exits."""
         self.port = _free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         env.pop("DIFFPERC_TOKEN", None)
-        if self.token:
-            env["DIFFPERC_TOKEN"] = self.token
         cmd = [sys.executable, "-m", "diffperc.retrieval.cli", "serve", "--index", str(self.index_dir),
-               "--port", str(self.port), "--max-upload-mb", "1", "--max-k", "50", "--log-level", "warning"]
+               "--backend", self.backend, "--port", str(self.port), "--max-upload-mb", "1", "--max-k", "50",
+               "--log-level", "warning", "--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+        if self.token:
+            token_file = self.log.with_name("token.txt")
+            token_file.write_text(f"{self.token}\n# the token is the first line; this line is not part of it\n")
+            cmd += ["--token-file", str(token_file)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=30)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        pause = 0.05
+        while time.monotonic() - start < timeout:  # generous: a loaded machine can take a minute to import torch
             if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                pytest.fail(f"server exited with {self.proc.returncode} during start-up:\n{self.log.read_text()[-3000:]}")
             try:
-                if self.client.get("/healthz").status_code == 200:
+                if self.client.get("/healthz", timeout=5).status_code == 200:
                     return self
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
+        self.proc.kill()
         pytest.fail(f"server did not answer /healthz within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def kill9(self) -> None:
@@ -87,17 +107,19 @@ class Server:
                 self.proc.wait(5)
 
 
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("service")
+@pytest.fixture(scope="module", params=BACKENDS)
+def index_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp(f"service_{request.param}")
     write_images(root / "refs", 12)
-    build_index(root / "refs", root / "idx", model="test_sd", err=io.StringIO())
+    extra = {"backend": "milvus", "uri": str(root / "refs.db")} if request.param == "milvus" else {}
+    build_index(root / "refs", root / "idx", model="test_sd", err=io.StringIO(), **extra)
     return root / "idx"
 
 
 @pytest.fixture(scope="module")
 def server(index_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(index_dir, tmp_path_factory.mktemp("log") / "server.log").start()
+    backend = "milvus" if (index_dir / "milvus.json").is_file() else "faiss"
+    srv = Server(index_dir, tmp_path_factory.mktemp("log") / "server.log", backend=backend).start()
     yield srv
     srv.stop()
 
@@ -118,10 +140,20 @@ def test_search_hit_and_stats(server: Server, index_dir: Path) -> None:
     assert server.client.get("/openapi.json").json()["paths"]["/v1/search"]
     from diffperc.retrieval.embedder import OriginEmbedder, read_image
 
-    vector = OriginEmbedder.from_config(index_dir).embed_pil([read_image(ref)])[0] * 3.0  # any scale
-    r = server.client.post("/v1/search/vector", json={"vector": vector.tolist(), "k": 2})
-    assert r.status_code == 200 and r.json()["results"][0]["id"] == "ref07"
+    vector = OriginEmbedder.from_config(index_dir).embed_pil([read_image(ref)])[0].astype("float64")
+    for scale in (3.0, 1e-30, 1e20, 1e300):  # normalised in float64: float32 squares under/overflow at these
+        r = server.client.post("/v1/search/vector", json={"vector": (vector * scale).tolist(), "k": 2})
+        assert r.status_code == 200, (scale, r.text)
+        assert r.json()["results"][0]["id"] == "ref07" and r.json()["results"][0]["score"] == pytest.approx(1, abs=1e-4)
     assert server.client.post("/v1/search/vector", json={"vector": [1.0, 2.0], "k": 2}).status_code == 422
+    raw = json.dumps({"vector": vector.tolist(), "k": 2})
+    for bad in ("NaN", "Infinity", "-Infinity", "1e400"):  # JSON extensions Python parses, and an overflow
+        body = raw.replace(repr(float(vector[5])), bad, 1)
+        assert body != raw
+        r = server.client.post("/v1/search/vector", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and ("finite" in r.text or "inf" in r.text.lower()), (bad, r.text)
+    zero = server.client.post("/v1/search/vector", json={"vector": [0.0] * len(vector), "k": 2})
+    assert zero.status_code == 422 and "zero" in zero.json()["detail"]
 
 
 def test_auth(server: Server) -> None:
@@ -184,6 +216,94 @@ def test_concurrent_search_and_add(server: Server) -> None:
         assert _search(server.client, png_bytes(1000 + i), k=1).json()["results"][0]["id"] == f"conc-{i}"
 
 
+def test_ids_with_slash_or_too_long_are_refused(server: Server) -> None:
+    """Ids are one path segment of /v1/references/{id}: '/' is refused (422), as is > 256 characters,
+    whether the id comes from the form field or from the uploaded file's name."""
+    img = png_bytes(200)
+
+    def add(filename: str, **data: str) -> httpx.Response:
+        return server.client.post("/v1/references", files={"image": (filename, img, "image/png")}, data=data)
+
+    r = add("x.png", id="a/b")
+    assert r.status_code == 422 and "'/'" in r.json()["detail"]
+    r = add("x.png", id="x" * 257)
+    assert r.status_code == 422 and "256" in r.json()["detail"]
+    r = add("y" * 300 + ".png")
+    assert r.status_code == 422 and "file name" in r.json()["detail"] and "256" in r.json()["detail"]
+    r = add("x.png", id="tab\there")
+    assert r.status_code == 422 and "control" in r.json()["detail"]
+    assert server.client.get("/v1/references/a/b").status_code == 404
+    assert _search(server.client, img, k=1).json()["results"][0]["id"].startswith("ref")  # nothing was added
+    r = add("x.png", id="z" * 256)  # the limit itself is fine, and GET / DELETE work on it
+    assert r.status_code == 201, r.text
+    assert server.client.get("/v1/references/" + "z" * 256).json()["id"] == "z" * 256
+    assert server.client.delete("/v1/references/" + "z" * 256).status_code == 200
+    quoted = 'it\'s a "quoted" \\ id'  # quotes and backslashes must not break a backend's filter syntax
+    assert add("x.png", id=quoted).status_code == 201
+    assert server.client.get(f"/v1/references/{quoted}").json()["id"] == quoted
+    assert server.client.delete(f"/v1/references/{quoted}").status_code == 200
+    assert server.client.get(f"/v1/references/{quoted}").status_code == 404
+
+
+def test_k_as_query_parameter(server: Server) -> None:
+    img = png_bytes(4)
+    files = {"image": ("q.png", img, "image/png")}
+    r = server.client.post("/v1/search", params={"k": 2}, files=files)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    r = server.client.post("/v1/search", files=files)  # neither: the default 10 (capped by the index size)
+    assert r.status_code == 200 and len(r.json()["results"]) == 10
+    r = server.client.post("/v1/search", params={"k": 2}, files=files, data={"k": "2"})  # both, equal
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    r = server.client.post("/v1/search", params={"k": 2}, files=files, data={"k": "3"})
+    assert r.status_code == 422 and "twice" in r.json()["detail"]
+    for bad in (0, 51):
+        r = server.client.post("/v1/search", params={"k": bad}, files=files)
+        assert r.status_code == 422 and "1..50" in r.json()["detail"]
+    vec = [1.0] * server.client.get("/v1/stats").json()["dim"]
+    r = server.client.post("/v1/search/vector", params={"k": 3}, json={"vector": vec})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def _slow_send(port: int, data: bytes, pause: float, give_up: float) -> tuple[bytes, int, float]:
+    """Send ``data`` one byte per ``pause`` s; returns (what the server answered, bytes sent, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=give_up) as sock:
+        sent = 0
+        try:
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                ready, _, _ = select.select([sock], [], [], pause)
+                if ready:
+                    break
+            answer = sock.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+    return answer, sent, time.monotonic() - start
+
+
+def test_slow_clients_are_cut_off(server: Server) -> None:
+    """One header byte a second: 408 and closed after --header-timeout (2 s here); a body sent as slowly:
+    408 after --body-timeout (3 s). uvicorn's own keep-alive timeout does not cover either."""
+    request = (f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris-{'x' * 40}\r\n\r\n").encode()
+    answer, sent, took = _slow_send(server.port, request, pause=1.0, give_up=30)
+    assert answer.startswith(b"HTTP/1.1 408") and b"--header-timeout" in answer, answer
+    assert sent < len(request) and HEADER_TIMEOUT - 0.5 <= took < HEADER_TIMEOUT + 5
+    head = (f"POST /v1/search/vector HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n").encode()
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)  # headers at full speed, then the body one byte a second
+        for byte in b'{"vector": [' + b"1, " * 100:
+            sock.sendall(bytes([byte]))
+            if select.select([sock], [], [], 1.0)[0]:
+                break
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer
+    assert time.monotonic() - start < BODY_TIMEOUT + 5
+    assert server.client.get("/healthz").status_code == 200  # a normal client is unaffected
+
+
 def test_refuses_public_bind_without_token(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DIFFPERC_TOKEN", raising=False)
     with pytest.raises(ValueError, match="without a token"):
@@ -199,7 +319,7 @@ def test_acknowledged_adds_survive_sigkill(server: Server, index_dir: Path) -> N
         assert r.status_code == 201 and r.json()["id"] == f"k{i}"  # id from the file name
     assert server.client.delete("/v1/references/ref00").status_code == 200
     server.kill9()  # no shutdown hook runs: only what was committed before each answer exists
-    assert sorted(p.name for p in index_dir.glob("snapshot-*.faiss")) == snapshots  # nothing snapshotted since
+    assert sorted(p.name for p in index_dir.glob("snapshot-*.faiss")) == snapshots  # FAISS: nothing snapshotted
     server.start()
     for i in range(5):
         hit = _search(server.client, png_bytes(500 + i), k=1).json()["results"][0]

@@ -5,10 +5,12 @@ Models", ICML 2025): reference (origin) images are embedded with a VAE (+ learne
 into a FAISS index; a translated image is searched against it.
 
     diffperc index build --images DIR --out INDEX_DIR [--model NAME|PATH] [--projection FILE] [--factory STR]
+                         [--backend milvus --uri refs.db|http://host:19530 [--milvus-index IVF_FLAT]]
     diffperc index add   --index INDEX_DIR --images DIR
     diffperc index query --index INDEX_DIR IMAGE [-k N]
     diffperc index stats --index INDEX_DIR
     diffperc serve --index INDEX_DIR [--host 127.0.0.1] [--port 8000] [--token-file FILE] [--max-upload-mb 20]
+                   [--backend faiss|milvus] [--uri URI] [--header-timeout 10] [--body-timeout 60] [--max-decodes 4]
 
 ``add_parser(subparsers)`` adds the ``index`` and ``serve`` subcommands to ``diffperc``'s
 parser and ``run(args)`` runs them; ``python -m diffperc.retrieval.cli ...`` works alone.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -49,6 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--factory", default="Flat", help="FAISS index_factory string: Flat (default, exact), "
                        "HNSW32, IVF4096,PQ64, ... (trained on a sample of the references)")
     build.add_argument("--image-size", type=int, default=None, help="resize side (default: min(256, VAE sample size))")
+    build.add_argument("--backend", default="faiss", choices=("faiss", "milvus"), help="where the vectors live: "
+                       "faiss (default, in the folder) or milvus (a Milvus collection at --uri)")
+    build.add_argument("--uri", default=None, help="milvus: a Milvus Lite file (refs.db) or a server "
+                       "(http://host:19530; token from $MILVUS_TOKEN)")
+    build.add_argument("--collection", default="origins", help="milvus: collection name (default: origins)")
+    build.add_argument("--milvus-index", default="AUTOINDEX", help="milvus: index type (AUTOINDEX, FLAT, "
+                       "IVF_FLAT, HNSW, ...; Milvus Lite builds FLAT, IVF_FLAT or AUTOINDEX)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add = sub.add_parser("add", help="embed more references into an existing index")
     add.add_argument("--index", required=True, help="index folder")
@@ -79,6 +89,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-k", type=int, default=100, help="largest k of a search (default: 100)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_device_options(serve)
+    serve.add_argument("--backend", default=None, choices=("faiss", "milvus"), help="check the index folder is of "
+                       "this backend (default: whichever it is)")
+    serve.add_argument("--uri", default=None, help="milvus: reach the collection at this URI instead of the one "
+                       "recorded at build time (token from $MILVUS_TOKEN)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its request "
+                       "headers; slower gets 408 and is disconnected (default: 10)")
+    serve.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send a request body "
+                       "after its headers (default: 60)")
+    serve.add_argument("--max-decodes", type=int, default=4, help="images decoded at once; others wait (default: 4)")
 
 
 # ---------------------------------------------------------------------------- work
@@ -105,13 +124,22 @@ def _embed_folder(index, embedder, images: list[Path], batch_size: int, strict: 
     """Embed and add images in batches (durable per batch); skips ids already present and unreadable files."""
     from tqdm.auto import tqdm
 
+    from .base import check_ref_id
     from .embedder import ImageDecodeError, read_image
 
-    counts = {"added": 0, "skipped_existing": 0, "skipped_unreadable": 0}
+    counts = {"added": 0, "skipped_existing": 0, "skipped_unreadable": 0, "skipped_bad_id": 0}
     bar = tqdm(total=len(images), desc="embed", unit="img", file=err)
     for start in range(0, len(images), batch_size):
         pils, ids, uris, shas = [], [], [], []
         for path in images[start : start + batch_size]:
+            try:
+                check_ref_id(path.stem, "id from the file name")
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"{path}: {e}") from e
+                counts["skipped_bad_id"] += 1
+                tqdm.write(f"skipped {path.name[:60]}: {e}", file=err)
+                continue
             if index.get(path.stem) is not None:
                 counts["skipped_existing"] += 1
                 continue
@@ -137,11 +165,15 @@ def _embed_folder(index, embedder, images: list[Path], batch_size: int, strict: 
 
 def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", projection: str | None = None,
                 factory: str = "Flat", image_size: int | None = None, batch_size: int = 32, strict: bool = False,
-                overwrite: bool = False, err: TextIO | None = None, device=None, torch_dtype=None) -> dict[str, int]:
+                overwrite: bool = False, err: TextIO | None = None, backend: str = "faiss", uri: str | None = None,
+                collection: str = "origins", milvus_index: str = "AUTOINDEX", device=None,
+                torch_dtype=None) -> dict[str, int]:
     """Embed every image of ``images_dir`` into a new index at ``out`` (built in a temp folder, then renamed).
 
     Trained factories (IVF, PQ) are trained on a sample of all the references, so they are
-    embedded first and added together; ``Flat`` and ``HNSW`` add batch by batch.
+    embedded first and added together; ``Flat`` and ``HNSW`` add batch by batch. With
+    ``backend="milvus"`` the vectors go to ``collection`` at ``uri`` (``out`` keeps the embedder
+    and ``milvus.json``); ``overwrite`` then also drops an existing collection of that name.
     """
     from .embedder import OriginEmbedder
     from .index import OriginIndex
@@ -150,10 +182,28 @@ def build_index(images_dir: str | Path, out: str | Path, model: str = "digits", 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} exists: pick a new folder, use `diffperc index add`, or --overwrite")
+    if backend not in ("faiss", "milvus"):
+        raise ValueError(f"--backend must be faiss or milvus, got {backend!r}")
+    if (backend == "milvus") != (uri is not None):
+        raise ValueError("--backend milvus needs --uri (a Milvus Lite file such as refs.db, or http://host:19530); "
+                         "--uri is only for --backend milvus")
     images = _list_images(Path(images_dir))
     embedder = place_embedder(OriginEmbedder.from_model(model, projection, image_size=image_size), device, torch_dtype)
     with atomic_dir(out) as tmp:
         embedder.save_config(tmp)
+        if backend == "milvus":
+            from .milvus import MilvusIndex
+
+            index = MilvusIndex.create(tmp, embedder.dim, uri=uri, collection=collection, index_type=milvus_index,
+                                       overwrite=overwrite, token=os.environ.get("MILVUS_TOKEN") or None)
+            try:
+                counts = _embed_folder(index, embedder, images, batch_size, strict, err)
+            except BaseException:  # the folder is removed: drop its half-filled collection too
+                index.client.drop_collection(index.collection)
+                index.close(snapshot=False)
+                raise
+            index.close()
+            return counts
         index = OriginIndex.create(tmp, embedder.dim, factory=factory)
         if index.index.is_trained:
             counts = _embed_folder(index, embedder, images, batch_size, strict, err)
@@ -185,11 +235,11 @@ def _build_trained(index, embedder, images: list[Path], batch_size: int, strict:
 def add_images(index_dir: str | Path, images_dir: str | Path, batch_size: int = 32, strict: bool = False,
                err: TextIO | None = None, device=None, torch_dtype=None) -> dict[str, int]:
     """Embed the images of ``images_dir`` not yet in the index (by id) with the index's own embedder."""
+    from .base import open_index
     from .embedder import OriginEmbedder
-    from .index import OriginIndex
 
     images = _list_images(Path(images_dir))
-    index = OriginIndex.open(index_dir)
+    index = open_index(index_dir)
     try:
         embedder = place_embedder(OriginEmbedder.from_config(index_dir), device, torch_dtype)
         return _embed_folder(index, embedder, images, batch_size, strict, err or sys.stderr)
@@ -200,12 +250,12 @@ def add_images(index_dir: str | Path, images_dir: str | Path, batch_size: int = 
 def query_index(index_dir: str | Path, image: str | Path, k: int = 5, device=None,
                 torch_dtype=None) -> list[dict[str, object]]:
     """The ``k`` best references for one image file: [{"id", "score", "uri"}], best first."""
+    from .base import open_index
     from .embedder import OriginEmbedder, read_image
-    from .index import OriginIndex
 
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
-    index = OriginIndex.open(index_dir)
+    index = open_index(index_dir)
     try:
         embedder = place_embedder(OriginEmbedder.from_config(index_dir), device, torch_dtype)
         vector = embedder.embed_pil([read_image(Path(image))])
@@ -216,9 +266,9 @@ def query_index(index_dir: str | Path, image: str | Path, k: int = 5, device=Non
 
 def index_stats(index_dir: str | Path) -> dict[str, object]:
     """Index size and settings, and the embedder's config (``embedder.json``)."""
-    from .index import OriginIndex
+    from .base import open_index
 
-    index = OriginIndex.open(index_dir)
+    index = open_index(index_dir)
     try:
         return {**index.stats(), "embedder": json.loads((Path(index_dir) / "embedder.json").read_text())}
     finally:
@@ -239,13 +289,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
             embedder = place_embedder(OriginEmbedder.from_config(args.index), args.device, args.dtype)
             serve(args.index, host=args.host, port=args.port, token_file=args.token_file,
-                  max_upload_mb=args.max_upload_mb, max_k=args.max_k, log_level=args.log_level, embedder=embedder)
+                  max_upload_mb=args.max_upload_mb, max_k=args.max_k, log_level=args.log_level, embedder=embedder,
+                  backend=args.backend, uri=args.uri, header_timeout=args.header_timeout,
+                  body_timeout=args.body_timeout, max_decodes=args.max_decodes)
             return 0
         if args.index_command == "build":
             counts = build_index(args.images, args.out, model=args.model, projection=args.projection,
                                  factory=args.factory, image_size=args.image_size, batch_size=args.batch_size,
-                                 strict=args.strict, overwrite=args.overwrite, err=err, device=args.device,
-                                 torch_dtype=args.dtype)
+                                 strict=args.strict, overwrite=args.overwrite, err=err, backend=args.backend,
+                                 uri=args.uri, collection=args.collection, milvus_index=args.milvus_index,
+                                 device=args.device, torch_dtype=args.dtype)
             print(f"built {args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()), file=out)
             return 0 if counts["added"] else 1
         if args.index_command == "add":

@@ -18,12 +18,12 @@ An index folder holds:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ import numpy as np
 
 from .._io import write_bytes_atomic
 from ._sync import RWLock
+from .base import DuplicateIdError, Hit, StorageFullError, check_ref_id, is_disk_full
 
-__all__ = ["DuplicateIdError", "Hit", "OriginIndex", "import_faiss"]
+__all__ = ["DuplicateIdError", "Hit", "OriginIndex", "StorageFullError", "import_faiss"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS refs (fid INTEGER PRIMARY KEY AUTOINCREMENT, ref_id TEXT NOT NULL UNIQUE,
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS ops (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT N
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SNAPSHOT_GLOB = "snapshot-*.faiss"
+_log = logging.getLogger(__name__)
 
 
 def import_faiss() -> Any:
@@ -52,19 +54,6 @@ def import_faiss() -> Any:
         raise ImportError("the retrieval index needs FAISS: pip install 'diffperc[retrieval]' "
                           "(or pip install faiss-cpu)") from err
     return faiss
-
-
-class DuplicateIdError(KeyError):
-    """A reference id that is already in the index."""
-
-
-@dataclass
-class Hit:
-    """One search result: reference id, cosine similarity, URI (path) of the reference."""
-
-    id: str
-    score: float
-    uri: str | None
 
 
 class OriginIndex:
@@ -93,6 +82,7 @@ class OriginIndex:
         self.index: Any = None
         self._applied_seq = 0
         self._snapshot_seq = 0
+        self.snapshot_error: str | None = None  # why the last snapshot failed (None: it did not)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,7 +148,7 @@ class OriginIndex:
         self._applied_seq = self._snapshot_seq = int(snaps[-1].stem.split("-")[1])
         self._set_search_params()
         if self._replay():
-            self.snapshot()
+            self._try_snapshot()
 
     def _fresh_index(self) -> Any:
         return self.faiss.index_factory(self.settings["dim"], self.settings["spec"], self.faiss.METRIC_INNER_PRODUCT)
@@ -177,7 +167,7 @@ class OriginIndex:
             self.index.add_with_ids(vecs, fids)
         self._applied_seq = seq
         if rows or seq:
-            self.snapshot()
+            self._try_snapshot()
 
     def _replay(self) -> int:
         """Apply logged operations newer than the snapshot; returns how many."""
@@ -264,6 +254,8 @@ class OriginIndex:
         n = len(ids)
         if vectors.ndim != 2 or vectors.shape != (n, self.settings["dim"]):
             raise ValueError(f"vectors must be ({n}, {self.settings['dim']}), got {vectors.shape}")
+        for ref_id in ids:
+            check_ref_id(ref_id)
         if len(set(ids)) != n:
             raise DuplicateIdError("ids repeat within one add call")
         uris, sha256s = list(uris or [None] * n), list(sha256s or [None] * n)
@@ -285,11 +277,14 @@ class OriginIndex:
                 last_seq = self._db.execute("SELECT MAX(seq) FROM ops").fetchone()[0]
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as err:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 dup = [i for i in ids if self._db.execute("SELECT 1 FROM refs WHERE ref_id = ?", (i,)).fetchone()]
                 raise DuplicateIdError(f"reference id(s) already in the index: {dup[:5]}") from err
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as err:
+                self._rollback()
+                if is_disk_full(err):
+                    raise StorageFullError(f"disk full: {n} reference(s) not added ({err}); free space in "
+                                           f"{self.folder}") from err
                 raise
             with self._index_lock.write():  # under the db lock: FAISS applies ops in log order
                 self.index.add_with_ids(vectors, np.asarray(fids, dtype=np.int64))
@@ -304,16 +299,29 @@ class OriginIndex:
             if row is None:
                 return False
             fid = row[0]
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM refs WHERE fid = ?", (fid,))
-            self._db.execute("DELETE FROM vectors WHERE fid = ?", (fid,))
-            seq = self._db.execute("INSERT INTO ops(op, fid) VALUES ('del', ?)", (fid,)).lastrowid
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM refs WHERE fid = ?", (fid,))
+                self._db.execute("DELETE FROM vectors WHERE fid = ?", (fid,))
+                seq = self._db.execute("INSERT INTO ops(op, fid) VALUES ('del', ?)", (fid,)).lastrowid
+                self._db.execute("COMMIT")
+            except BaseException as err:
+                self._rollback()
+                if is_disk_full(err):
+                    raise StorageFullError(f"disk full: {ref_id!r} not removed ({err}); free space in "
+                                           f"{self.folder}") from err
+                raise
             with self._index_lock.write():
                 self._remove_from_index(fid)
                 self._applied_seq = seq
         self._maybe_snapshot()
         return True
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:  # SQLite already rolled back (e.g. after SQLITE_FULL)
+            pass
 
     def _remove_from_index(self, fid: int) -> None:
         """Remove from FAISS where that is exact; elsewhere (HNSW, refine) leave a tombstone, filtered at search."""
@@ -387,13 +395,25 @@ class OriginIndex:
                 "factory": self.settings["factory"], "metric": "cosine (inner product of unit vectors)",
                 "nprobe": self.settings["nprobe"], "ef_search": self.settings["ef_search"],
                 "snapshot_seq": self._snapshot_seq, "last_seq": last_seq,
-                "ops_since_snapshot": last_seq - self._snapshot_seq,
+                "ops_since_snapshot": last_seq - self._snapshot_seq, "snapshot_error": self.snapshot_error,
                 "disk_bytes": sum(p.stat().st_size for p in files)}
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
         if self._applied_seq - self._snapshot_seq >= self.snapshot_every and not self._snap_lock.locked():
-            threading.Thread(target=self.snapshot, name="index-snapshot", daemon=True).start()
+            threading.Thread(target=self._try_snapshot, name="index-snapshot", daemon=True).start()
+
+    def _try_snapshot(self) -> Path | None:
+        """:meth:`snapshot`, but a failed write (a full disk) is logged, not raised: the operation log in
+        SQLite still holds everything, so opening and closing go on (``stats()["snapshot_error"]``)."""
+        try:
+            path = self.snapshot()
+        except (OSError, sqlite3.OperationalError) as err:
+            self.snapshot_error = f"{type(err).__name__}: {err}"
+            _log.warning("index snapshot failed, the operation log keeps every change: %s", self.snapshot_error)
+            return None
+        self.snapshot_error = None
+        return path
 
     def snapshot(self) -> Path | None:
         """Write the FAISS index to ``snapshot-<seq>.faiss`` atomically, then drop older snapshots and log."""
@@ -415,6 +435,6 @@ class OriginIndex:
     def close(self, snapshot: bool = True) -> None:
         """Snapshot pending operations (unless ``snapshot=False``) and close SQLite."""
         if snapshot and self.index is not None:
-            self.snapshot()
+            self._try_snapshot()
         with self._db_lock:
             self._db.close()
