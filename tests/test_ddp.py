@@ -28,7 +28,9 @@ def _fit(tmp_path: Path, strategy: str, extra: list[str]) -> subprocess.Complete
            "--model.init_args.backbone=test_sd", "--model.init_args.neck_channels=16",
            "--data.init_args.num_train=8", "--data.init_args.num_val=2", "--data.init_args.batch_size=2",
            "--data.init_args.num_workers=0", "--trainer.logger=false", "--trainer.limit_val_batches=0",
-           "--trainer.enable_progress_bar=false", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+           "--trainer.enable_progress_bar=false", "--trainer.max_steps=2",
+           # the recipe validates every 50 steps; with no validation the checkpoint is written at the epoch's end
+           "--trainer.val_check_interval=1.0", "--trainer.check_val_every_n_epoch=1", "--trainer.accelerator=cpu",
            f"--trainer.strategy={strategy}", "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}

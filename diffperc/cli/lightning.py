@@ -51,10 +51,12 @@ def resolve_configs(args: Sequence[str]) -> list[str]:
 
 
 @contextmanager
-def _argv_only_prog() -> Iterator[None]:
-    """LightningCLI warns when it gets ``args`` while ``sys.argv`` has arguments too; ours are ``args``."""
+def _argv(args: Sequence[str]) -> Iterator[None]:
+    """Put the resolved arguments in ``sys.argv`` for the call: LightningCLI parses ``sys.argv`` (given
+    ``args`` beside a full ``sys.argv`` it warns), and Lightning's DDP launcher re-runs ``sys.argv`` in
+    every child process, which must see the same (resolved) command."""
     saved = sys.argv
-    sys.argv = saved[:1] or ["diffperc"]
+    sys.argv = [saved[0] if saved else "diffperc", *args]
     try:
         yield
     finally:
@@ -75,10 +77,10 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     from lightning.pytorch.cli import LightningCLI
 
     args = resolve_configs(sys.argv[1:] if args is None else args)
-    with _argv_only_prog():
+    with _argv(args):
         return LightningCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=args, run=run, save_config_kwargs={"overwrite": True},
+            args=None, run=run, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # tasks build their own parameter groups from `optimizer`
         )
 
