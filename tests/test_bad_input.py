@@ -57,14 +57,14 @@ def test_bad_latents(bb: DiffusionBackbone) -> None:
 
 
 def test_unknown_layer_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown UNet layer 'up_blocks.9'.*Presets: \['dift', 'vpd'\].*up_blocks.1"):
+    with pytest.raises(ValueError, match=r"unknown UNet layer 'up_blocks.9'.*Presets: \['dift', 'vpd', 'cross_q', 'ovdiff_q'\].*up_blocks.1"):
         create_backbone("test_sd", layers=["up_blocks.9"])
     with pytest.raises(ValueError, match="layers is empty"):
         create_backbone("test_sd", layers=[])
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\)"):
+    with pytest.raises(ValueError, match=r"timestep must be integers in \[0, 1000\)"):
         create_backbone("test_sd", timestep=1000)
     with pytest.raises(ValueError, match="ensemble_size and ensemble_chunk must be >= 1"):
         create_backbone("test_sd", ensemble_size=0)
