@@ -47,11 +47,12 @@ def test_scenes_have_exact_disjoint_masks_and_the_contrast_knob() -> None:
 
 def test_short_run_trained_features_beat_random_unet(tmp_path: Path) -> None:
     mod = _script()
-    out = mod.main(["--contrasts", "0.3", "--sources", "digits", "random_unet", "--train", "96", "--test", "32",
-                    "--steps", "60", "--points", "256", "--hidden", "32", "--queries", "6", "--decoder-layers", "3",
+    out = mod.main(["--contrasts", "0.3", "--sources", "digits", "random_unet", "--train", "128", "--test", "32",
+                    "--steps", "200", "--points", "256", "--hidden", "32", "--queries", "6", "--decoder-layers", "3",
                     "--encoder-layers", "1", "--out", str(tmp_path)])
     res = out["results"]
-    assert res["digits@0.3"]["ap"] > res["random_unet@0.3"]["ap"]
+    # seed 0, measured: digits 3.0 AP vs random UNet 0.5 (60 steps learned nothing: 0.0 vs 0.0)
+    assert res["digits@0.3"]["ap"] > 1.0 and res["digits@0.3"]["ap"] > 2 * res["random_unet@0.3"]["ap"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["digits@0.3"]["ap"] == res["digits@0.3"]["ap"]
     assert (tmp_path / "examples.png").exists()

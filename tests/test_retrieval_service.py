@@ -111,8 +111,16 @@ class Server:
 def index_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp(f"service_{request.param}")
     write_images(root / "refs", 12)
-    extra = {"backend": "milvus", "uri": str(root / "refs.db")} if request.param == "milvus" else {}
-    build_index(root / "refs", root / "idx", model="test_sd", err=io.StringIO(), **extra)
+    if request.param == "milvus":
+        # Milvus Lite lets one process at a time open refs.db, and its embedded server lives until the
+        # process that opened it exits: build in a child process, so the service can open it next.
+        cmd = [sys.executable, "-m", "diffperc.cli", "index", "build", "--images", str(root / "refs"), "--out",
+               str(root / "idx"), "--model", "test_sd", "--backend", "milvus", "--uri", str(root / "refs.db")]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+    else:
+        build_index(root / "refs", root / "idx", model="test_sd", err=io.StringIO())
     return root / "idx"
 
 
