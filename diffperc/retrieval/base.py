@@ -79,6 +79,21 @@ def check_ref_id(ref_id: str, source: str = "id") -> str:
     return ref_id
 
 
+def check_add(vectors: Any, ids: Sequence[str], uris: Sequence[str | None] | None,
+              sha256s: Sequence[str | None] | None, dim: int) -> tuple[np.ndarray, list, list]:
+    """Validate one add call of either backend: (N, dim) vectors as float32, N valid unique ids; returns
+    (vectors, uris, sha256s) with missing uris/sha256s as None per reference."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(ids)
+    if vectors.ndim != 2 or vectors.shape != (n, dim):
+        raise ValueError(f"vectors must be ({n}, {dim}), got {vectors.shape}")
+    for ref_id in ids:
+        check_ref_id(ref_id)
+    if len(set(ids)) != n:
+        raise DuplicateIdError("ids repeat within one add call")
+    return vectors, list(uris or [None] * n), list(sha256s or [None] * n)
+
+
 def unit_rows(vectors: Any, dim: int) -> np.ndarray:
     """(Q, D) float32 unit vectors from any finite, non-zero (Q, D) or (D,) input, normalised in float64.
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._io import write_bytes_atomic
 from ._sync import RWLock
-from .base import DuplicateIdError, Hit, StorageFullError, check_ref_id, is_disk_full
+from .base import DuplicateIdError, Hit, StorageFullError, check_add, is_disk_full
 
 __all__ = ["DuplicateIdError", "Hit", "OriginIndex", "StorageFullError", "import_faiss"]
 
@@ -250,15 +250,8 @@ class OriginIndex:
         Raises:
             DuplicateIdError: an id is already in the index (nothing is added).
         """
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors, uris, sha256s = check_add(vectors, ids, uris, sha256s, self.settings["dim"])
         n = len(ids)
-        if vectors.ndim != 2 or vectors.shape != (n, self.settings["dim"]):
-            raise ValueError(f"vectors must be ({n}, {self.settings['dim']}), got {vectors.shape}")
-        for ref_id in ids:
-            check_ref_id(ref_id)
-        if len(set(ids)) != n:
-            raise DuplicateIdError("ids repeat within one add call")
-        uris, sha256s = list(uris or [None] * n), list(sha256s or [None] * n)
         if not self.index.is_trained:
             with self._index_lock.write():
                 self._train_if_needed(vectors)

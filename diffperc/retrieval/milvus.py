@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .._io import write_bytes_atomic
-from .base import MAX_ID_LENGTH, DuplicateIdError, Hit, StorageFullError, check_ref_id
+from .base import MAX_ID_LENGTH, DuplicateIdError, Hit, StorageFullError, check_add
 
 __all__ = ["MilvusIndex", "import_pymilvus"]
 
@@ -159,15 +159,8 @@ class MilvusIndex:
     def add(self, vectors: np.ndarray, ids: Sequence[str], uris: Sequence[str | None] | None = None,
             sha256s: Sequence[str | None] | None = None) -> list[str]:
         """Insert references; returns their ids. Raises :class:`DuplicateIdError` if one exists (nothing added)."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors, uris, sha256s = check_add(vectors, ids, uris, sha256s, self.settings["dim"])
         n = len(ids)
-        if vectors.ndim != 2 or vectors.shape != (n, self.settings["dim"]):
-            raise ValueError(f"vectors must be ({n}, {self.settings['dim']}), got {vectors.shape}")
-        for ref_id in ids:
-            check_ref_id(ref_id)
-        if len(set(ids)) != n:
-            raise DuplicateIdError("ids repeat within one add call")
-        uris, sha256s = list(uris or [None] * n), list(sha256s or [None] * n)
         now = time.time()
         rows = [{"id": ids[i], "vector": vectors[i].tolist(), "uri": uris[i], "sha256": sha256s[i], "added_at": now}
                 for i in range(n)]
