@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
-from _proc import vm_mb  # benchmarks/_proc.py, beside this script
+from _proc import run_settings_in_children, vm_mb  # benchmarks/_proc.py, beside this script
 
 SETTINGS: dict[str, dict[str, bool]] = {
     "a_frozen_backbone": {"trainable": False},
@@ -166,16 +164,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_setting(args.child, args)))
         return
-    results = {}
-    for name in args.settings:
-        cmd = [sys.executable, __file__, "--child", name] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "settings")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"{name}: failed with exit code {proc.returncode}: {tail}", file=sys.stderr)
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_settings_in_children(__file__, args.settings, args)
     print(f"VPD depth training step, SD-1.5 architecture (random weights), {args.device} fp32, image {args.size}, "
           f"batch {args.batch}, threads {args.threads}, AdamW, median of {args.steps} steps after 1 warm-up")
     mem = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
