@@ -77,7 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return importlib.import_module(COMMANDS[args.command]).run(args)
+    try:
+        return importlib.import_module(COMMANDS[args.command]).run(args)
+    except BrokenPipeError:  # `diffperc recipes list | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
