@@ -63,16 +63,26 @@ def _jobs(indices: list[int], labels: torch.Tensor, strengths: tuple[float, ...]
     return jobs
 
 
+def _model_folder(model: str) -> Path:
+    """The diffusers folder of ``model``: the bundled one for "digits", else the folder given."""
+    if model == "digits":
+        return bundled_model_path()
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").exists():
+        raise SystemExit(f"--model {model!r}: not 'digits' and no model_index.json there; pass a diffusers folder")
+    return folder
+
+
 @torch.no_grad()
 def translate(jobs: list[dict], images: torch.Tensor, out_dir: Path, steps: int, guidance: float, seed: int,
-              batch_size: int) -> None:
+              batch_size: int, model: str = "digits") -> None:
     """Run img2img for every job not on disk yet, batched by strength."""
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     todo = [j for j in jobs if not (out_dir / j["name"]).exists()]
     if not todo:
         return
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(bundled_model_path(), torch_dtype=torch.float32,
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(_model_folder(model), torch_dtype=torch.float32,
                                                           safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -112,7 +122,7 @@ def make_dataset(out: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
             "val": _jobs(val_ids, labels, TEST_STRENGTHS, len(TEST_STRENGTHS), rng, "Q"),
             "test": _jobs(test_ids, labels, TEST_STRENGTHS, len(TEST_STRENGTHS), rng, "Q")}
     for split, split_jobs in jobs.items():
-        translate(split_jobs, images, out / split, args.steps, args.guidance, args.seed, args.batch_size)
+        translate(split_jobs, images, out / split, args.steps, args.guidance, args.seed, args.batch_size, args.model)
         rows = [f"{split}/{j['name']},R{j['origin']:04d}" for j in split_jobs]
         (out / f"{split}_pairs.csv").write_text("query,origin_id\n" + "\n".join(rows) + "\n")
     (out / "jobs.json").write_text(json.dumps(jobs))
@@ -136,7 +146,7 @@ def train_projection(out: Path, args: argparse.Namespace, batch_norm: bool, lr: 
                                str(out / "origins_train"), image_size=32, batch_size=args.train_batch,
                                num_instances=4, include_origins=True, samples_per_epoch=4 * 700 * 2,
                                eval_batch_size=256)
-    task = OriginIDTask(backbone="digits", input_size=32, features=args.features, lr=lr, batch_norm=batch_norm,
+    task = OriginIDTask(backbone=args.model, input_size=32, features=args.features, lr=lr, batch_norm=batch_norm,
                         warmup_epochs=5, constant_epochs=5, ema_decay=0.9999, cache_dir=str(out / "vae_cache"),
                         export_path=str(out / f"{name}.safetensors"))
     trainer = Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -153,7 +163,7 @@ def _read(paths: list[Path]) -> torch.Tensor:
                         for p in paths]).float() / 255
 
 
-def evaluate(out: Path, jobs: list[dict], weights: dict[str, Path | None]) -> dict:
+def evaluate(out: Path, jobs: list[dict], weights: dict[str, Path | None], model: str = "digits") -> dict:
     """Acc@1 / mAP of each embedding on the held-out queries (gallery: 297 origins + 700 distractors)."""
     from diffperc.retrieval.embedder import OriginEmbedder
     from diffperc.retrieval.metrics import retrieval_metrics
@@ -165,7 +175,7 @@ def evaluate(out: Path, jobs: list[dict], weights: dict[str, Path | None]) -> di
     gallery, queries = _read(gallery_paths), _read([out / "test" / j["name"] for j in jobs])
     results = {}
     for name, proj in weights.items():
-        emb = OriginEmbedder.from_model("digits", proj, image_size=32)
+        emb = OriginEmbedder.from_model(model, proj, image_size=32)
         g, q = emb.embed(gallery, 256), emb.embed(queries, 256)
         row = {"all": retrieval_metrics(q, query_ids, g, gallery_ids)}
         for s in TEST_STRENGTHS:
@@ -175,14 +185,14 @@ def evaluate(out: Path, jobs: list[dict], weights: dict[str, Path | None]) -> di
     return results
 
 
-def _index_check(out: Path, weight_path: Path, jobs: list[dict]) -> float:
+def _index_check(out: Path, weight_path: Path, jobs: list[dict], model: str = "digits") -> float:
     """Acc@1 of W through the real path: `diffperc index build` on the gallery folder, then search."""
     from diffperc.retrieval.cli import build_index
     from diffperc.retrieval.embedder import OriginEmbedder
     from diffperc.retrieval.index import OriginIndex
 
     index_dir = out / "index_w"
-    build_index(out / "origins_test", index_dir, model="digits", projection=str(weight_path), overwrite=True,
+    build_index(out / "origins_test", index_dir, model=model, projection=str(weight_path), overwrite=True,
                 err=io.StringIO())
     index, emb = OriginIndex.open(index_dir), OriginEmbedder.from_config(index_dir)
     vectors = emb.embed(_read([out / "test" / j["name"] for j in jobs]), 256).numpy()
@@ -206,6 +216,8 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="digits_oripid", help="output folder (reused if it exists)")
+    parser.add_argument("--model", default="digits",
+                        help="the bundled 'digits' model or a diffusers folder of another digits model (default: digits)")
     parser.add_argument("--per-train", type=int, default=5, help="translations per training origin")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps at strength 1 (img2img runs strength x steps)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (diffusers default)")
@@ -232,8 +244,8 @@ def main() -> None:
             weights[name], val[name] = path, metrics
             val["raw VAE"] = {"val/acc1": metrics["val/raw_vae_acc1"], "val/mAP": metrics["val/raw_vae_mAP"]}
     selected = max((n for n in weights if n != "raw VAE"), key=lambda n: val[n]["val/mAP"])
-    results = {"val": val, "test": evaluate(out, jobs["test"], weights), "selected": selected}
-    results["index_acc1"] = _index_check(out, weights[selected], jobs["test"])
+    results = {"val": val, "test": evaluate(out, jobs["test"], weights, args.model), "selected": selected}
+    results["index_acc1"] = _index_check(out, weights[selected], jobs["test"], args.model)
     results["settings"] = vars(args)
     results["seconds"] = round(time.time() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from diffperc import create_backbone
+from diffperc.backbones.registry import load_backbone
 from diffperc.data import digits
 from diffperc.data.compositional import CompositionalDataset, load_selfbench
 from diffperc.zeroshot.classifier import DiffusionClassifier, default_template
@@ -64,6 +64,7 @@ def grid_png(images: torch.Tensor, path: Path, per_row: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("selfbench_digits"))
+    p.add_argument("--model", default="digits", help="preset or diffusers folder (default: the bundled digits model)")
     p.add_argument("--per-digit", type=int, default=10, help="Self-Bench images per digit prompt")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generation")
     p.add_argument("--cfg", type=float, default=9.0, help="guidance scale (9.0 as released)")
@@ -74,7 +75,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=30, help="images per classifier call (x 10 captions x 30 timesteps)")
     a = p.parse_args()
     t0 = time.time()
-    bb = create_backbone("digits")
+    bb = load_backbone(a.model)
     template = default_template(bb)
     prompts = [template.format(w) for w in digits.CLASS_WORDS]
     meta = [{"tag": "digit", "prompt": pr, "include": [{"class": w, "count": 1}]}
