@@ -6,6 +6,7 @@ reads the validation metrics the fit logged (CSVLogger), and prints them from th
 validation to the last, with the last / first ratio.
 
     python benchmarks/bench_learning.py                 # 300 steps, validation every 50
+    python benchmarks/bench_learning.py --model DIR     # another digits model as the backbone
 
 Measured (shared 2-core CPU, one torch thread, seed 0; 300 steps of batch 16, 64 validation scenes
 with flip TTA; validate 9 s + fit 69 s, 82 s wall in all):
@@ -51,6 +52,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: tiny models run fastest on one, and 2 spin on a busy 2-core box)")
     parser.add_argument("--out", default=None, help="folder for logs and checkpoints (default: a temp folder)")
+    parser.add_argument("--model", default=None,
+                        help="another digits model folder as the backbone (default: the config's, the bundled digits)")
     args = parser.parse_args()
     import torch
 
@@ -59,6 +62,8 @@ def main() -> int:
     common = ["--config", str(CONFIG), f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false",
               f"--trainer.logger.init_args.save_dir={out}"]
+    if args.model:
+        common.append(f"--model.backbone={args.model}")
     t0 = time.perf_counter()
     init = _run(["validate", *common])
     rows = [("init (validate)", {k: float(init.trainer.callback_metrics[f"val/{k}"]) for k in KEYS})]
