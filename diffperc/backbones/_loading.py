@@ -14,7 +14,7 @@ from torch import nn
 
 from .._io import atomic_dir
 
-__all__ = ["load_components", "save_components", "is_offline"]
+__all__ = ["load_components", "save_components", "is_offline", "load_unet_weights", "resolve_unet_weights"]
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -219,3 +219,151 @@ def save_components(folder: str | Path, vae: nn.Module, unet: nn.Module, text_en
                 part.save_pretrained(tmp / name)
             index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------- UNet weight overrides
+_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_STATE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _read_state_file(path: Path, use_safetensors: bool) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, a sharded index, or (``use_safetensors=False``) a torch file."""
+    import json
+
+    name = path.name
+    if name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out |= _read_state_file(path.parent / shard, use_safetensors)
+        return out
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if not use_safetensors:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    raise ValueError(f"unet_weights {path} is not a .safetensors file; diffperc reads .safetensors by default "
+                     "(pass use_safetensors=False to read a torch file with torch.load(weights_only=True))")
+
+
+def _unet_file_in(folder: Path) -> Path | None:
+    """The UNet weight file of a diffusers UNet folder or of a pipeline folder (its ``unet/``)."""
+    for sub in (folder, folder / "unet"):
+        for fname in _UNET_FILES:
+            if (sub / fname).is_file():
+                return sub / fname
+        variants = sorted(sub.glob("diffusion_pytorch_model.*.safetensors"))  # e.g. the fp16 variant
+        if len(variants) == 1:
+            return variants[0]
+    return None
+
+
+def _hub_unet_file(source: str, revision: str | None, offline: bool) -> Path:
+    """``org/name`` (a UNet repo or a pipeline repo with ``unet/``) or ``org/name/file.safetensors`` on the Hub."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    parts = source.removeprefix("hf://").split("/")
+    if len(parts) > 2:  # a file inside a repo, e.g. CompVis/cleandift/cleandift_sd21_unet.safetensors
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), revision=revision,
+                                    local_files_only=offline))
+    folder = Path(snapshot_download(source, revision=revision, local_files_only=offline, allow_patterns=[
+        "config.json", "diffusion_pytorch_model*", "unet/config.json", "unet/diffusion_pytorch_model*"]))
+    found = _unet_file_in(folder)
+    if found is None:
+        raise FileNotFoundError(f"hub repo {source!r} has no diffusion_pytorch_model*.safetensors at its root or in "
+                                "unet/: name the file, e.g. 'org/name/path/to/unet.safetensors'")
+    return found
+
+
+def resolve_unet_weights(source: str | Path, revision: str | None = None, local_files_only: bool | None = None
+                         ) -> Path:
+    """The weight file behind ``unet_weights``: a local file, a local UNet / pipeline folder, or the Hub.
+
+    Local paths win: a file (``.safetensors``, or a torch file), a diffusers UNet folder
+    (``diffusion_pytorch_model.safetensors``) or a pipeline folder with ``unet/``. Otherwise
+    ``org/name`` is a hub repo (UNet repo or pipeline snapshot with ``unet/``) and
+    ``org/name/file.safetensors`` a file in one (CleanDIFT: ``CompVis/cleandift/cleandift_sd21_unet.safetensors``).
+    """
+    name = str(source)
+    path = Path(name).expanduser()
+    offline = is_offline() if local_files_only is None else local_files_only
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = _unet_file_in(path)
+        if found is None:
+            raise FileNotFoundError(f"unet_weights folder {path} has no diffusion_pytorch_model*.safetensors (nor "
+                                    "unet/ with one): pass a UNet folder, a pipeline folder or the weight file")
+        return found
+    hub_like = not name.startswith((".", "/", "~")) and name.count("/") >= 1 and not name.endswith("/")
+    if not hub_like:
+        raise FileNotFoundError(f"unet_weights {name!r}: no such file or folder (and not a hub id 'org/name' or "
+                                "'org/name/file.safetensors')")
+    try:
+        return _hub_unet_file(name, revision, offline)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"unet_weights {name!r} is neither a local path nor a reachable/cached hub file "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). Download it once where the "
+            f"Hub is reachable (`hf download {'/'.join(name.split('/')[:2])}"
+            + (f" {'/'.join(name.split('/')[2:])}" if name.count("/") > 1 else "")
+            + "`), then run with HF_HUB_OFFLINE=1, or pass the local file.") from err
+
+
+def _match_prefix(state: dict[str, torch.Tensor], want: set[str]) -> dict[str, torch.Tensor] | None:
+    """``state`` with one common key prefix stripped (``"unet."``, ``"model."``...) if that gives exactly ``want``."""
+    if set(state) == want:
+        return state
+    sample = next(iter(want))
+    prefixes = {k[: -len(sample)] for k in state if k.endswith(sample) and len(k) > len(sample)}
+    hits = []
+    for p in prefixes:
+        sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        if set(sub) == want:
+            hits.append((p, sub))
+    return hits[0][1] if len(hits) == 1 else None
+
+
+def load_unet_weights(unet: nn.Module, source: str | Path, revision: str | None = None,
+                      local_files_only: bool | None = None, use_safetensors: bool = True) -> Path:
+    """Load a UNet state dict (CleanDIFT, a fine-tune) into ``unet``, every key checked (strict).
+
+    Args:
+        unet: the loaded ``UNet2DConditionModel``; tensors are cast to its dtype and device.
+        source: see :func:`resolve_unet_weights`. Keys are diffusers UNet names; a file whose
+            keys all sit under one prefix (``"unet."``...) is accepted with the prefix stripped.
+        use_safetensors: False also reads torch files (``torch.load(weights_only=True)``).
+
+    Returns:
+        the file that was read.
+
+    Raises:
+        ValueError: keys missing or unexpected (both listed), or shapes that do not match.
+    """
+    path = resolve_unet_weights(source, revision, local_files_only)
+    state = _read_state_file(path, use_safetensors)
+    own = unet.state_dict()
+    matched = _match_prefix(state, set(own))
+    if matched is None:
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        hint = ""
+        if any(k.startswith("model.diffusion_model.") for k in state):
+            hint = (" The keys are original LDM names (model.diffusion_model.*): a full single-file checkpoint "
+                    "loads as the model itself (--model FILE --model-config FOLDER_OR_ID), not as unet_weights.")
+        raise ValueError(f"unet_weights {path} does not match the UNet ({type(unet).__name__}, {len(own)} tensors): "
+                         f"{len(missing)} missing keys [{show(missing)}]; {len(unexpected)} unexpected keys "
+                         f"[{show(unexpected)}]. It must be a diffusers UNet state dict of the same architecture "
+                         f"(e.g. CleanDIFT's cleandift_sd21_unet.safetensors for sd21).{hint}")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"unet_weights {path}: {len(bad)} tensors have other shapes than the UNet's (file vs model): "
+                         f"{'; '.join(bad[:5])}. It is a UNet of another architecture (SD 1.x vs 2.x?).")
+    unet.load_state_dict(matched, strict=True)
+    return path

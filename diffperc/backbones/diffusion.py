@@ -222,7 +222,7 @@ class DiffusionBackbone(nn.Module):
         cls, name_or_path: str | Path, *, revision: str | None = None, variant: str | None = None,
         torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
         local_files_only: bool | None = None, pretrained: bool = True, use_safetensors: bool = True,
-        config: str | Path | None = None, **kwargs: Any,
+        config: str | Path | None = None, unet_weights: str | Path | None = None, **kwargs: Any,
     ) -> DiffusionBackbone:
         """Load a diffusers-format SD model (hub id or local folder) or a single-file checkpoint.
 
@@ -241,6 +241,11 @@ class DiffusionBackbone(nn.Module):
                 pickled ``.bin`` files (read with ``torch.load(weights_only=True)``).
             config: for a single-file checkpoint, the diffusers layout to convert it into: a local
                 diffusers folder or a hub id whose config files are cached. Needed offline.
+            unet_weights: a UNet state dict loaded over the pipeline's UNet after the components
+                (strict: every key must match): a ``.safetensors`` file, a diffusers UNet folder, a
+                pipeline folder with ``unet/``, a hub repo ``org/name`` (UNet repo or pipeline) or a
+                file in one, ``org/name/file.safetensors`` (CleanDIFT:
+                ``"CompVis/cleandift/cleandift_sd21_unet.safetensors"``). See :func:`load_unet_weights`.
             **kwargs: backbone options (``layers``, ``timestep``, ...; see the class), checked
                 before any weight is read.
         """
@@ -255,10 +260,21 @@ class DiffusionBackbone(nn.Module):
             cls = cls._family_class(family_of(index))
         check_kwargs(f"{cls.__name__}.from_pretrained", signature_names(
             cls.__init__, DiffusionBackbone.__init__, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
+        weights_file = None
+        if unet_weights is not None:  # found (or not) before the pipeline is read: a typo fails in a second
+            from ._loading import resolve_unet_weights
+
+            weights_file = resolve_unet_weights(unet_weights, local_files_only=local_files_only)
         parts = load_components(name_or_path, revision=revision, variant=variant,
                                 torch_dtype=as_dtype(torch_dtype, torch.float32), local_files_only=local_files_only,
                                 pretrained=pretrained, use_safetensors=use_safetensors, config=config, index=index)
+        if weights_file is not None:
+            from ._loading import load_unet_weights
+
+            load_unet_weights(parts["unet"], weights_file, use_safetensors=use_safetensors)
         model = cls(**parts, name_or_path=str(name_or_path), **kwargs)
+        if unet_weights is not None:
+            model.config["unet_weights"] = str(unet_weights)
         return model.to(device) if device is not None else model
 
     @classmethod

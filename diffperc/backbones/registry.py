@@ -67,7 +67,8 @@ def accepted_kwargs(name: str) -> set[str] | None:
     fn = _REGISTRY[name]
     if takes_var_keyword(fn) and not _ACCEPTS[name]:
         return None
-    return signature_names(fn, *_ACCEPTS[name], exclude=COMPONENTS + _EXCLUDE[name]) | {"device", "torch_dtype"}
+    return signature_names(fn, *_ACCEPTS[name], exclude=COMPONENTS + _EXCLUDE[name]) | {"device", "torch_dtype",
+                                                                                          "unet_weights"}
 
 
 def register_backbone_deprecations(renames: dict[str, str]) -> None:
@@ -81,7 +82,8 @@ def list_backbones(pattern: str = "*") -> list[str]:
 
 
 def create_backbone(name: str, *, device: str | torch.device | None = None,
-                    torch_dtype: torch.dtype | str | None = None, **overrides: Any) -> nn.Module:
+                    torch_dtype: torch.dtype | str | None = None, unet_weights: str | Path | None = None,
+                    **overrides: Any) -> nn.Module:
     """Build a registered preset; ``overrides`` go to the backbone (``layers``, ``timestep``, ...).
 
     Args:
@@ -89,6 +91,9 @@ def create_backbone(name: str, *, device: str | torch.device | None = None,
         device: where the model goes (None: where it was built, the CPU).
         torch_dtype: weights' and compute dtype (``torch.bfloat16`` or ``"bfloat16"``; None: float32).
             Presets that load weights load them in this dtype; the others are cast after building.
+        unet_weights: a UNet state dict loaded over the preset's UNet (strict key check): a
+            ``.safetensors`` file, a UNet or pipeline folder, a hub repo or ``org/name/file.safetensors``
+            (see :func:`diffperc.backbones._loading.load_unet_weights`). None: the preset's own.
         **overrides: backbone options. Unknown names raise a TypeError listing the valid ones
             before anything is loaded.
     """
@@ -110,8 +115,22 @@ def create_backbone(name: str, *, device: str | torch.device | None = None,
     torch_dtype = as_dtype(torch_dtype)
     fn = _REGISTRY[name]
     native = signature_names(fn, *_ACCEPTS[name])
-    passed = {k: v for k, v in (("device", device), ("torch_dtype", torch_dtype)) if k in native and v is not None}
+    passed = {k: v for k, v in (("device", device), ("torch_dtype", torch_dtype), ("unet_weights", unet_weights))
+              if k in native and v is not None}
+    later = unet_weights is not None and "unet_weights" not in passed
+    if later:  # a preset built in code: find the file before building, load it after
+        from ._loading import resolve_unet_weights
+
+        unet_weights = resolve_unet_weights(unet_weights)
     model = fn(**overrides, **passed)
+    if later:
+        from ._loading import load_unet_weights
+
+        if not isinstance(getattr(model, "unet", None), nn.Module):
+            raise ValueError(f"unet_weights: backbone {name!r} ({type(model).__name__}) has no UNet to load them into")
+        load_unet_weights(model.unet, unet_weights)
+        if isinstance(getattr(model, "config", None), dict):
+            model.config["unet_weights"] = str(unet_weights)
     if (device is not None and "device" not in passed) or (torch_dtype is not None and "torch_dtype" not in passed):
         model = model.to(device=device, dtype=torch_dtype)
     return model
@@ -227,3 +246,32 @@ def digits(**kw: Any) -> nn.Module:
 # presets defined beside their classes register on import
 from . import dinov2 as _dinov2  # noqa: E402,F401
 from . import fused as _fused  # noqa: E402,F401
+
+
+# CleanDIFT (Stracke et al., CVPR 2025, arXiv 2412.03439; github CompVis/cleandift): the SD UNet fine-tuned to
+# take the clean image, loaded over the base pipeline's UNet (README: `unet.load_state_dict(...)`, strict).
+# Settings from the released code: the clean latent (no noise) at t=261 - the TLFR eval branch hard-codes it
+# (geoaware-sc-eval third_party/ODISE/odise/modeling/meta_arch/ldm.py:881-883, `use_clean_features`), main's
+# get_features passes the learned `timestep` parameter initialised at t_init=261 (src/sd_feature_extraction.py:248,
+# 324-326, 474-477); features `us6` = the output of up_blocks.1 (notebooks/get_correspondences.ipynb cell 2,
+# src/min_sd21.py CrossAttnUpBlock2D) at 768 px for sd21; the caption is used ("A photo of a {category}").
+CLEANDIFT_WEIGHTS = {
+    "sd21-cleandift": ("sd21", "CompVis/cleandift/cleandift_sd21_unet.safetensors"),
+    "sd15-cleandift": ("sd15", "CompVis/cleandift/cleandift_sd15_unet.safetensors"),
+}
+
+
+def _cleandift(name: str) -> Callable[..., nn.Module]:
+    base, weights = CLEANDIFT_WEIGHTS[name]
+
+    def build(unet_weights: str | Path = weights, **kw: Any) -> nn.Module:
+        kw = {"layers": "dift", "timestep": 261, "add_noise": False} | kw
+        return DiffusionBackbone.from_pretrained(HUB_IDS[base], unet_weights=unet_weights, **kw)
+
+    build.__doc__ = (f"CleanDIFT {name!r}: {HUB_IDS[base]} with the UNet of {weights} (clean latents, t=261, "
+                     "up_blocks.1; needs both downloads).")
+    return build
+
+
+for _name in CLEANDIFT_WEIGHTS:
+    register_backbone(_name, accepts=_SD_ACCEPTS)(_cleandift(_name))
