@@ -77,7 +77,34 @@ def _check_timesteps(timestep: int | Sequence[int], n_train: int) -> list[int]:
     return ts
 
 
-def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
+VAE_PREFIX = "vae."
+
+
+def is_vae_tap(tap: str) -> bool:
+    """True for taps inside the VAE (``"vae.encoder.down_blocks.1"``, ``"vae.decoder.up_blocks.0:input"``)."""
+    return tap.startswith(VAE_PREFIX)
+
+
+def _check_vae_tap(vae: nn.Module | None, tap: str) -> None:
+    """A VAE tap must name a module of ``vae.encoder`` or ``vae.decoder``; the error lists the blocks."""
+    name, _ = split_tap(tap)
+    path = name.removeprefix(VAE_PREFIX)
+    if vae is None:
+        raise ValueError(f"tap {tap!r} is in the VAE, but this backbone was built without one")
+    valid = dict(vae.named_modules())
+    if path.split(".")[0] in ("encoder", "decoder") and path in valid:
+        return
+    import difflib
+
+    blocks = [f"{VAE_PREFIX}{n}" for n in valid if n.count(".") == 2 and n.split(".")[1] in ("down_blocks", "up_blocks")
+              or n in ("encoder.mid_block", "decoder.mid_block")]
+    close = difflib.get_close_matches(path, [n for n in valid if n.startswith(("encoder", "decoder"))], n=6, cutoff=0.5)
+    raise ValueError(f"unknown VAE tap {name!r}. VAE blocks: {blocks}. Close matches: "
+                     f"{[VAE_PREFIX + c for c in close] or 'none'}. Any 'vae.encoder.*' or 'vae.decoder.*' path of "
+                     "`dict(vae.named_modules())` works, with ':input' appended for the tensor entering the module.")
+
+
+def resolve_layers(unet: nn.Module, layers: str | Sequence[str], vae: nn.Module | None = None) -> list[str]:
     """Turn a preset name or a list of taps into validated taps.
 
     A tap is a module path (its output) or a module path + ``":input"`` (the tensor entering
@@ -87,6 +114,10 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
     LDM's output_blocks 1, 4, 7, 11: ``up_blocks.0.resnets.1, up_blocks.1.attentions.1,
     up_blocks.2.attentions.1, up_blocks.3.attentions.2``; ``"cross_q"`` -> one cross-attention
     query projection (Mustafar's, see :func:`_cross_q`); ``"ovdiff_q"`` -> OVDiff's nine queries.
+
+    Taps starting with ``"vae."`` are in the VAE (ODISE also taps its encoder and decoder):
+    ``"vae.encoder.down_blocks.N"``, ``"vae.encoder.mid_block"``, ``"vae.decoder.up_blocks.N"``
+    or any other ``vae.encoder.*`` / ``vae.decoder.*`` module, output or ``:input``.
     """
     if isinstance(layers, str):
         if layers == "dift":
@@ -111,6 +142,9 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
     valid = dict(unet.named_modules())
     for tap in layers:
         name, _ = split_tap(tap)
+        if is_vae_tap(name):
+            _check_vae_tap(vae, tap)
+            continue
         if name not in valid or name == "":
             import difflib
 
@@ -119,7 +153,8 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str]) -> list[str]:
             raise ValueError(
                 f"unknown UNet layer {name!r}. Presets: {list(LAYER_PRESETS)}. Close matches: {close or 'none'}. "
                 f"Blocks: {blocks}. Any path of `dict(unet.named_modules())` works, with ':input' appended "
-                "for the tensor entering the module."
+                "for the tensor entering the module; VAE taps start with 'vae.' ('vae.encoder.down_blocks.N', "
+                "'vae.encoder.mid_block', 'vae.decoder.up_blocks.N')."
             )
     return layers
 
@@ -131,7 +166,14 @@ class DiffusionBackbone(nn.Module):
         vae, unet, text_encoder, tokenizer, scheduler: Stable Diffusion components
             (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``, ``CLIPTokenizer``,
             a scheduler whose config has the DDPM betas; it is rebuilt as ``DDPMScheduler``).
-        layers: UNet module paths whose outputs are the features, or a preset ``"dift"``/``"vpd"``.
+        layers: UNet module paths whose outputs are the features (``":input"`` appended: the tensor
+            entering the module), or a preset (``"dift"``, ``"vpd"``, ``"cross_q"``, ``"ovdiff_q"``).
+            Paths starting with ``"vae."`` tap the VAE (see :func:`resolve_layers`): encoder taps
+            (``"vae.encoder.down_blocks.N"``, ``"vae.encoder.mid_block"``) are read while the image is
+            encoded; decoder taps (``"vae.decoder.up_blocks.N"``...) run the decoder on the **clean**
+            latents (before any noise; not a denoised prediction), stopping after its last tap. VAE
+            taps do not depend on the timestep (with several t and ``timestep_reduce="none"`` they come
+            once, first); with only VAE taps (and no attention) the UNet does not run.
         timestep: t in [0, num_train_timesteps) given to the UNet, or several (``[50, 150, 250]``):
             the UNet then runs once per t, all in one batch, on the same clean latents and the same noise.
         timestep_reduce: with several timesteps, ``"none"`` returns every tap at every t
@@ -175,7 +217,7 @@ class DiffusionBackbone(nn.Module):
             raise ValueError(f"ensemble_size and ensemble_chunk must be >= 1, got {ensemble_size}, {ensemble_chunk}")
         if latent_sample not in ("mean", "sample"):
             raise ValueError(f"latent_sample must be 'mean' or 'sample', got {latent_sample!r}")
-        self.layers = resolve_layers(unet, layers)
+        self.layers = resolve_layers(unet, layers, vae)
         self.timestep = self.timesteps[0] if len(self.timesteps) == 1 else list(self.timesteps)
         self.add_noise, self.latent_sample = add_noise, latent_sample
         self.scale_latents = bool(scale_latents)
@@ -202,7 +244,12 @@ class DiffusionBackbone(nn.Module):
         self.prompt_cache_stats = {"hits": 0, "misses": 0}
         self._feature_info: FeatureInfoList | None = None
         self._stop_after: str | None = None
-        self._taps = Taps(unet, self.layers)
+        self._unet_layers = [n for n in self.layers if not is_vae_tap(n)]
+        self._taps = Taps(unet, self._unet_layers)
+        vae_taps = [n.removeprefix(VAE_PREFIX) for n in self.layers if is_vae_tap(n)]
+        self._enc_taps = Taps(vae, [n for n in vae_taps if n.startswith("encoder")])
+        self._dec_taps = Taps(vae, [n for n in vae_taps if n.startswith("decoder")])
+        self._dec_stop_after: str | None = None
         for module in (vae, text_encoder):
             module.requires_grad_(False).eval()
         unet.requires_grad_(trainable)
@@ -333,16 +380,49 @@ class DiffusionBackbone(nn.Module):
         finally:
             self._store.active = was_active
             order, outs = list(self._taps.order), self._taps.stop()
-        missing = [n for n in self.layers if n not in outs]
+        missing = [n for n in self._unet_layers if n not in outs]
         if missing:
             raise ValueError(f"layers {missing} did not run in the UNet forward; pick modules on the forward path")
+        vae_info = self._probe_vae(side)
         per_t = len(self.timesteps) > 1 and self.timestep_reduce == "none"
-        info = FeatureInfoList()
+        info = FeatureInfoList(vae_info[n] for n in self.layers if n in vae_info) if per_t else FeatureInfoList()
         for t in self.timesteps if per_t else [None]:
             for name in self.layers:
+                if name in vae_info:
+                    if not per_t:
+                        info.append(vae_info[name])
+                    continue
                 c, hw = self._map_shape(outs[name], (side, side))
                 info.append(FeatureInfo(name if t is None else f"{name}@t{t}", c, self.vae_factor * side // hw[0]))
-        self._feature_info, self._stop_after = info, order[-1]
+        self._feature_info, self._stop_after = info, (order[-1] if order else None)
+
+    def _probe_vae(self, side: int) -> dict[str, FeatureInfo]:
+        """Channels and reductions of the VAE taps: the encoder on a (1, 3, S, S) image, the decoder on a latent."""
+        out: dict[str, FeatureInfo] = {}
+        vae = self.vae
+        for taps, run, image_side in (
+            (self._enc_taps, lambda: vae.encode(torch.zeros(1, 3, side * self.vae_factor, side * self.vae_factor,
+                                                            device=vae.device, dtype=vae.dtype)), side * self.vae_factor),
+            (self._dec_taps, lambda: vae.decode(torch.zeros(1, vae.config.latent_channels, side, side,
+                                                            device=vae.device, dtype=vae.dtype)), side * self.vae_factor),
+        ):
+            if not taps.names:
+                continue
+            taps.start(stop_after=None)
+            try:
+                run()
+            finally:
+                order, feats = list(taps.order), taps.stop()
+            missing = [n for n in taps.names if n not in feats]
+            if missing:
+                raise ValueError(f"VAE taps {[VAE_PREFIX + n for n in missing]} did not run; pick modules on the "
+                                 "encoder's or decoder's forward path")
+            for n in taps.names:
+                c, hw = self._map_shape(feats[n], (side, side))
+                out[VAE_PREFIX + n] = FeatureInfo(VAE_PREFIX + n, c, max(1, image_side // hw[0]))
+            if taps is self._dec_taps:
+                self._dec_stop_after = order[-1]
+        return out
 
     def _probe_cond(self) -> dict[str, Any]:
         """Extra UNet keyword arguments of the probe forward (SDXL: its added conditions)."""
@@ -366,16 +446,48 @@ class DiffusionBackbone(nn.Module):
         ``generator`` as diffusers' ``DiagonalGaussianDistribution.sample`` draws it), times
         ``vae.config.scaling_factor`` when ``scale_latents`` (default).
         """
+        return self._encode(images, generator, copies)[0]
+
+    def _encode(self, images: Tensor, generator: torch.Generator | None, copies: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`encode_images` and the VAE encoder taps it recorded ({"vae.encoder...": (B, C, h, w)})."""
         images = check_images(images, self.size_multiple, pad=False, dtype=self.vae.dtype)
         with torch.no_grad():
-            dist = self.vae.encode(images * 2 - 1).latent_dist
+            self._enc_taps.start(stop_after=None)  # the encoder always runs to the end: the latents are needed
+            try:
+                dist = self.vae.encode(images * 2 - 1).latent_dist
+            finally:
+                enc = {VAE_PREFIX + n: f for n, f in self._enc_taps.stop().items()}
             latents = dist.mean.repeat_interleave(copies, dim=0)
             if self.latent_sample == "sample":
                 from diffusers.utils.torch_utils import randn_tensor
 
                 eps = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
                 latents = latents + dist.std.repeat_interleave(copies, dim=0) * eps
-        return latents * self.vae.config.scaling_factor if self.scale_latents else latents
+        return (latents * self.vae.config.scaling_factor if self.scale_latents else latents), enc
+
+    @torch.no_grad()
+    def _decoder_features(self, copies: Tensor, distinct: bool) -> dict[str, Tensor]:
+        """VAE decoder taps on the clean latents (B*E, C, h, w), image-major: {"vae.decoder...": (B, C, h', w')}.
+
+        The decoder runs on the clean latents the UNet would see before noising (divided by the
+        scaling factor when ``scale_latents``), not on a denoised prediction, and stops after its
+        last tap. ``distinct``: the E copies differ (one posterior sample each) and their
+        features are averaged; otherwise the decoder runs once per image.
+        """
+        if not self._dec_taps.names:
+            return {}
+        e = self.ensemble_size
+        x = copies if distinct else copies[::e]
+        n = e if distinct else 1
+        z = (x / self.vae.config.scaling_factor if self.scale_latents else x).to(self.vae.dtype)
+        self._dec_taps.start(self._dec_stop_after)
+        try:
+            self.vae.decode(z)
+        except StopForward:
+            pass
+        finally:
+            feats = self._dec_taps.stop()
+        return {VAE_PREFIX + k: f.view(-1, n, *f.shape[1:]).mean(1) for k, f in feats.items()}
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> text encoder last hidden states (B, L, D), cached by prompt string."""
@@ -438,7 +550,7 @@ class DiffusionBackbone(nn.Module):
 
     def _run_unet(self, x: Tensor, cond: dict[str, Tensor], t: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
         """One UNet call on (N, C, h, w) at timesteps t (N,); returns the tapped features and attention maps."""
-        if self._stop_after is None:
+        if self._feature_info is None:
             self._probe()
         keep_res = None if self.attention_resolutions is None else set(self.attention_resolutions)
         if self.attention:
@@ -453,7 +565,7 @@ class DiffusionBackbone(nn.Module):
             feats = self._taps.stop()
         maps = self._store.maps() if self.attention else {}
         out = []
-        for name in self.layers:
+        for name in self._unet_layers:
             f = feats[name]
             if f.ndim == 3:
                 c, (h, w) = self._map_shape(f, tuple(x.shape[-2:]))
@@ -495,18 +607,38 @@ class DiffusionBackbone(nn.Module):
             images = check_images(images, self.size_multiple, pad=self.pad, dtype=self.vae.dtype)
             if self.pad:
                 images = pad_to_multiple(images, self.size_multiple)
-            copies = self.encode_images(images, generator, copies=self.ensemble_size)
+            copies, vae_feats = self._encode(images, generator, copies=self.ensemble_size)
         else:
+            if self._enc_taps.names:
+                raise ValueError(f"VAE encoder taps {[VAE_PREFIX + n for n in self._enc_taps.names]} need images; "
+                                 "latents= skips the encoder: pass images instead")
             latents = check_latents(latents, self.unet.config.in_channels, self.unet_factor, dtype=self.dtype)
-            copies = latents.repeat_interleave(self.ensemble_size, dim=0)
+            copies, vae_feats = latents.repeat_interleave(self.ensemble_size, dim=0), {}
+        if self._feature_info is None:
+            self._probe()
         batch = copies.shape[0] // self.ensemble_size
-        cond = self._conditioning(batch, tuple(d * self.vae_factor for d in copies.shape[-2:]), **text)
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats, maps = self._ensemble(copies, cond, noise, generator)
+        vae_feats |= self._decoder_features(copies, distinct=images is not None and self.latent_sample == "sample"
+                                            and self.ensemble_size > 1)
+        if self._unet_layers or self.attention:
+            cond = self._conditioning(batch, tuple(d * self.vae_factor for d in copies.shape[-2:]), **text)
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                feats, maps = self._ensemble(copies, cond, noise, generator)
+        else:  # only VAE taps: the UNet does not run
+            feats, maps = [], {}
+        feats = self._with_vae(feats, vae_feats)
         if size is not None and self.pad:
             feats = [f[..., : -(-size[0] // r), : -(-size[1] // r)] for f, r in zip(feats, self._reductions(), strict=True)]
             maps = {r: m[..., : -(-size[0] // r), : -(-size[1] // r)] for r, m in maps.items()}
         return BackboneOutput(features=feats, attention=maps if self.attention else None)
+
+    def _with_vae(self, unet_feats: list[Tensor], vae_feats: dict[str, Tensor]) -> list[Tensor]:
+        """UNet features (``feature_info`` order without the VAE taps) merged with the VAE ones, as ``feature_info``."""
+        if not vae_feats:
+            return unet_feats
+        if len(self.timesteps) > 1 and self.timestep_reduce == "none":  # VAE taps once, first (they have no t)
+            return [vae_feats[n] for n in self.layers if n in vae_feats] + unet_feats
+        it = iter(unet_feats)
+        return [vae_feats[n] if n in vae_feats else next(it) for n in self.layers]
 
     def _reductions(self) -> list[int]:
         return self.feature_info.reductions()
