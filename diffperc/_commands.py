@@ -217,9 +217,10 @@ def _count(module: nn.Module | None) -> str:
 
 
 def model_info(model: str, layers: str = "vpd", device: str | torch.device | None = None,
-               torch_dtype: str | torch.dtype | None = None) -> str:
-    """A readable description of a model's backbone (what ``diffperc info`` prints)."""
-    bb = load_backbone(model, device=device, torch_dtype=torch_dtype, layers=parse_layers(layers))
+               torch_dtype: str | torch.dtype | None = None, backbone: nn.Module | None = None) -> str:
+    """A readable description of a model's backbone (what ``diffperc info`` prints); ``backbone``: already loaded."""
+    bb = backbone if backbone is not None else load_backbone(model, device=device, torch_dtype=torch_dtype,
+                                                             layers=parse_layers(layers))
     sched = bb.scheduler.config
     lines = [f"model: {model} ({type(bb).__name__})",
              f"size_multiple: {bb.size_multiple} (images must be multiples of it); native size: {native_size(bb)}",

@@ -338,3 +338,72 @@ def test_index_add_query_and_serve_compute_in_bf16(image_dir, tmp_path, seen_dty
                         data={"k": "2"})
     assert r.status_code == 200 and r.json()["results"][0]["id"] == "a"
     assert seen_dtypes == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- --model-config / --unet-weights
+MODEL_COMMANDS = {"demo": [], "extract": ["imgs", "--out", "o.safetensors"], "info": [],
+                  "classify": ["a.png", "--classes", "a,b"], "correspond": ["a.png", "b.png", "--out", "m.png"]}
+
+
+@pytest.mark.parametrize("cmd", sorted(MODEL_COMMANDS))
+def test_every_model_command_takes_model_config_and_unet_weights(cmd):
+    """Whatever the order, --model carries both to the loader (ModelArg.load_kwargs)."""
+    from diffperc.cli import build_parser
+
+    parser = build_parser()
+    rest = MODEL_COMMANDS[cmd]
+    for argv in ([cmd, *rest, "--model-config", "cfg", "--model", "m.ckpt", "--unet-weights", "u.safetensors"],
+                 [cmd, *rest, "--unet-weights", "u.safetensors", "--model-config", "cfg", "--model", "m.ckpt"]):
+        args = parser.parse_args(argv)
+        assert str(args.model) == "m.ckpt"
+        assert args.model.load_kwargs == {"config": "cfg", "unet_weights": "u.safetensors"}
+    if cmd != "info":  # a default model gets them too
+        args = parser.parse_args([cmd, *rest, "--unet-weights", "u.safetensors"])
+        assert args.model.load_kwargs == {"unet_weights": "u.safetensors"}
+
+
+def test_single_file_model_with_model_config(tmp_path, image_dir, monkeypatch, capsys):
+    """A tiny original-format checkpoint: --model-config FOLDER loads it offline; without it the error says so."""
+    from safetensors.torch import save_file
+    from test_backbones_loading import _sd1_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bb = create_backbone("test_sd", layers="dift", timestep=1, add_noise=False)
+    bb.save_pretrained(tmp_path / "cfg")
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file(_sd1_single_file(bb), ckpt)
+    assert main(["extract", str(image_dir), "--model", str(ckpt), "--model-config", str(tmp_path / "cfg"),
+                 "--layers", "dift", "--timestep", "1", "--no-add-noise", "--size", "32", "--device", "cpu",
+                 "--out", str(tmp_path / "f.safetensors")]) == 0
+    got = load_file(tmp_path / "f.safetensors")["a/up_blocks.1"]
+    assert main(["extract", str(image_dir), "--model", str(tmp_path / "cfg"), "--layers", "dift", "--timestep", "1",
+                 "--no-add-noise", "--size", "32", "--device", "cpu", "--out", str(tmp_path / "g.safetensors")]) == 0
+    torch.testing.assert_close(got, load_file(tmp_path / "g.safetensors")["a/up_blocks.1"], rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main(["info", "--model", str(ckpt), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "--model-config" in err and "local diffusers folder" in err
+    assert main(["info", "--model", str(ckpt), "--model-config", str(tmp_path / "cfg"), "--device", "cpu"]) == 0
+    assert "up_blocks.1" in capsys.readouterr().out
+    assert main(["info", "--model", "test_sd", "--model-config", str(tmp_path / "cfg")]) == 1
+    assert "only for a single-file checkpoint" in capsys.readouterr().err
+
+
+def test_extract_with_unet_weights_uses_that_unet(tmp_path, image_dir):
+    from safetensors.torch import save_file
+
+    from diffperc.backbones.tiny import tiny_sd_components
+
+    save_file(tiny_sd_components(seed=3)["unet"].state_dict(), tmp_path / "u.safetensors")
+    outs = {}
+    for name, extra in (("plain", []), ("override", ["--unet-weights", str(tmp_path / "u.safetensors")])):
+        assert main(["extract", str(image_dir), "--model", "test_sd", *extra, "--layers", "dift", "--size", "32",
+                     "--device", "cpu", "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+        outs[name] = load_file(tmp_path / f"{name}.safetensors")["a/up_blocks.1"]
+    assert not torch.allclose(outs["plain"], outs["override"])
+    ref_dir = tmp_path / "ref"
+    create_backbone("test_sd", seed=3).unet.save_pretrained(ref_dir)  # the same UNet as a folder
+    assert main(["extract", str(image_dir), "--model", "test_sd", "--unet-weights", str(ref_dir), "--layers", "dift",
+                 "--size", "32", "--device", "cpu", "--out", str(tmp_path / "folder.safetensors")]) == 0
+    torch.testing.assert_close(load_file(tmp_path / "folder.safetensors")["a/up_blocks.1"], outs["override"],
+                               rtol=0, atol=0)

@@ -164,7 +164,7 @@ def _components(source: str, torch_dtype: torch.dtype, variant: str | None, use_
 def _single_file_config_error(path: Path, config: str | Path | None, why: str) -> ValueError:
     return ValueError(
         f"single-file checkpoint {path}: {why}. Offline, diffusers needs the model's diffusers config to convert "
-        "it: pass config= (on the command line --config) a local diffusers folder (model_index.json and its "
+        "it: pass config= (on the command line --model-config) a local diffusers folder (model_index.json and its "
         "unet/, vae/, text_encoder/, tokenizer/, scheduler/ configs, e.g. one DiffusionBackbone.save_pretrained "
         "wrote) or a hub id whose config files are cached, e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5' "
         "(get them with `hf download ID --include '*.json' '*.txt'`)."

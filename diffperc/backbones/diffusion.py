@@ -424,6 +424,80 @@ class DiffusionBackbone(nn.Module):
                 self._dec_stop_after = order[-1]
         return out
 
+    def layer_presets(self) -> dict[str, list[str] | str]:
+        """Each layer preset of this model -> its taps (or why it does not apply), for ``diffperc info``."""
+        out: dict[str, list[str] | str] = {}
+        for name in LAYER_PRESETS:
+            try:
+                out[name] = resolve_layers(self.unet, name)
+            except ValueError as err:
+                out[name] = f"n/a ({err})"
+        return out
+
+    @torch.no_grad()
+    def tap_table(self) -> FeatureInfoList:
+        """Channels and reduction of the main tap points, measured by one tiny forward of the UNet and the VAE.
+
+        Rows: every UNet block (``down_blocks.N``, ``mid_block``, ``up_blocks.N``) and its
+        ``resnets.M`` / ``attentions.M``, the decoder inputs after the skip concat
+        (``up_blocks.N.resnets.M:input``, ODISE's), and the VAE blocks (``vae.encoder.down_blocks.N``,
+        ``vae.encoder.mid_block``, ``vae.decoder.mid_block``, ``vae.decoder.up_blocks.N``). Any other
+        module path works as a tap too.
+        """
+        names = []
+        for stage in ("down_blocks", "mid_block", "up_blocks"):
+            blocks = [(stage, self.unet.mid_block)] if stage == "mid_block" else [
+                (f"{stage}.{i}", b) for i, b in enumerate(getattr(self.unet, stage))]
+            for path, block in blocks:
+                if block is None:
+                    continue
+                names.append(path)
+                n_res, n_att = (len(getattr(block, seq, None) or []) for seq in ("resnets", "attentions"))
+                for j in range(max(n_res, n_att)):  # forward order: (skip concat,) resnet, attention
+                    if j < n_res:
+                        names += [f"{path}.resnets.{j}:input"] if stage == "up_blocks" else []
+                        names.append(f"{path}.resnets.{j}")
+                    if j < n_att:
+                        names.append(f"{path}.attentions.{j}")
+        vae_names = [f"encoder.down_blocks.{i}" for i in range(len(self.vae.encoder.down_blocks))]
+        vae_names += ["encoder.mid_block", "decoder.mid_block"]
+        vae_names += [f"decoder.up_blocks.{i}" for i in range(len(self.vae.decoder.up_blocks))]
+        side, vf = self.unet_factor, self.vae_factor
+        table = FeatureInfoList()
+        taps = Taps(self.unet, names)
+        was_active, self._store.active = self._store.active, False
+        taps.start(stop_after=None)
+        try:
+            self.unet(torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype),
+                      torch.zeros(1, device=self.device, dtype=torch.long),
+                      encoder_hidden_states=torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device,
+                                                        dtype=self.dtype), **self._probe_cond())
+        finally:
+            self._store.active = was_active
+            feats = taps.stop()
+            taps.remove()
+        for n in names:
+            if n in feats:
+                c, hw = self._map_shape(feats[n], (side, side))
+                table.append(FeatureInfo(n, c, vf * side // hw[0]))
+        vae = self.vae
+        for prefix, run in (("encoder", lambda: vae.encode(torch.zeros(1, 3, side * vf, side * vf, device=vae.device,
+                                                                        dtype=vae.dtype))),
+                            ("decoder", lambda: vae.decode(torch.zeros(1, vae.config.latent_channels, side, side,
+                                                                        device=vae.device, dtype=vae.dtype)))):
+            part = [n for n in vae_names if n.startswith(prefix)]
+            taps = Taps(vae, part)
+            taps.start(stop_after=None)
+            try:
+                run()
+            finally:
+                feats = taps.stop()
+                taps.remove()
+            for n in part:
+                if n in feats:
+                    table.append(FeatureInfo(VAE_PREFIX + n, feats[n].shape[1], max(1, side * vf // feats[n].shape[-2])))
+        return table
+
     def _probe_cond(self) -> dict[str, Any]:
         """Extra UNet keyword arguments of the probe forward (SDXL: its added conditions)."""
         return {}

@@ -141,9 +141,17 @@ def load_backbone(name_or_path: str | Path, *, device: str | torch.device | None
     """A registered preset if ``name_or_path`` is one, else ``DiffusionBackbone.from_pretrained``.
 
     ``device`` and ``torch_dtype`` as in :func:`create_backbone`; unknown ``overrides`` raise
-    before any weight is read.
+    before any weight is read. ``config`` (a single file's diffusers layout) and ``unet_weights``
+    may come attached to ``name_or_path`` (the command line's ``--model-config`` /
+    ``--unet-weights``: a ``diffperc.cli._options.ModelArg``).
     """
+    overrides = dict(getattr(name_or_path, "load_kwargs", None) or {}) | overrides
     name_or_path = str(name_or_path)
+    if overrides.get("config") is not None and not (Path(name_or_path).expanduser().is_file()
+                                                    and name_or_path.endswith((".safetensors", ".ckpt"))):
+        raise ValueError(f"config= (--model-config) {str(overrides['config'])!r} is only for a single-file checkpoint "
+                         f"(.safetensors/.ckpt) given as the model; {name_or_path!r} is not one: drop it (a preset, "
+                         "folder or hub id has its own config)")
     if name_or_path in _REGISTRY or name_or_path in _DEPRECATED:
         return create_backbone(name_or_path, device=device, torch_dtype=torch_dtype, **overrides)
     looks_like_path = Path(name_or_path).expanduser().exists() or "/" in name_or_path or name_or_path.startswith(".")
@@ -160,19 +168,41 @@ _FAMILIES = (  # (family, class, diffusers pipeline, what it is)
 )
 
 
-def _family_of_preset(name: str) -> str:
-    if name in ("sdxl", "test_sdxl"):
-        return "sdxl"
+def _all_families() -> list[tuple[str, str | None, str | None, str]]:
+    """``_FAMILIES`` plus every pipeline the loader knows (``_loading.FAMILIES``) that is not listed there yet."""
+    from ._loading import FAMILIES
+
+    rows = list(_FAMILIES)
+    listed = {r[0] for r in rows}
+    for pipe, (fam, _) in FAMILIES.items():
+        if fam not in listed:
+            rows.append((fam, None, pipe, f"{pipe} (from model_index.json)"))
+            listed.add(fam)
+    return rows
+
+
+def _family_of_preset(name: str, families: list[str] | None = None) -> str:
+    """A preset's family: the longest family name its name starts with (``test_`` aside); SD otherwise."""
     if "dinov2" in name:
         return "sd+dinov2" if name.startswith(("sd", "test_sd_")) else "dinov2"
-    return "sd"
+    base = name.removeprefix("test_")
+    fams = families if families is not None else [r[0] for r in _all_families()]
+    hits = sorted((f for f in fams if "+" not in f and base.startswith(f)), key=len, reverse=True)
+    return hits[0] if hits else "sd"
 
 
 def list_families() -> list[dict[str, Any]]:
-    """Every backbone family: ``{"family", "class", "pipeline", "description", "presets"}`` (for ``diffperc info``)."""
+    """Every backbone family: ``{"family", "class", "pipeline", "description", "presets"}`` (for ``diffperc info``).
+
+    Data-driven: ``_FAMILIES`` here and the pipelines of ``_loading.FAMILIES``; a preset belongs to
+    the family its name starts with (``sdxl``, ``test_sdxl`` -> sdxl), so new families and presets
+    show up in ``diffperc info`` without touching the command.
+    """
+    rows = _all_families()
+    names = [r[0] for r in rows]
     return [{"family": fam, "class": cls, "pipeline": pipe, "description": desc,
-             "presets": [n for n in list_backbones() if _family_of_preset(n) == fam]}
-            for fam, cls, pipe, desc in _FAMILIES]
+             "presets": [n for n in list_backbones() if _family_of_preset(n, names) == fam]}
+            for fam, cls, pipe, desc in rows]
 
 
 def bundled_model_path() -> Path:
