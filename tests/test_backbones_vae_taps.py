@@ -77,7 +77,7 @@ def test_early_stop_still_holds_for_unet_and_decoder_taps() -> None:
     for name, m in (("unet.up_blocks.3", bb.unet.up_blocks[3]), ("vae.decoder.conv_out", bb.vae.decoder.conv_out),
                     ("unet.up_blocks.1.resnets.0", bb.unet.up_blocks[1].resnets[0])):
         m.register_forward_hook(lambda mod, a, o, name=name: ran.append(name))
-    bb.feature_info  # the probe runs everything once
+    assert bb.feature_info  # the probe runs everything once
     ran.clear()
     bb(torch.rand(1, 3, 32, 32))
     assert ran == ["unet.up_blocks.1.resnets.0"]  # the UNet stopped after up_blocks.1, the decoder after up_blocks.0
@@ -87,7 +87,7 @@ def test_only_vae_taps_skip_the_unet_and_latents_work_for_the_decoder() -> None:
     bb = create_backbone("test_sd", layers=["vae.decoder.up_blocks.0", "vae.encoder.down_blocks.1"])
     calls = []
     bb.unet.conv_in.register_forward_hook(lambda m, a, o: calls.append(1))
-    bb.feature_info
+    assert bb.feature_info  # the probe runs the UNet once
     calls.clear()
     images = torch.rand(2, 3, 32, 32)
     out = bb(images)

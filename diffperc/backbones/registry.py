@@ -277,7 +277,6 @@ def digits(**kw: Any) -> nn.Module:
 from . import dinov2 as _dinov2  # noqa: E402,F401
 from . import fused as _fused  # noqa: E402,F401
 
-
 # CleanDIFT (Stracke et al., CVPR 2025, arXiv 2412.03439; github CompVis/cleandift): the SD UNet fine-tuned to
 # take the clean image, loaded over the base pipeline's UNet (README: `unet.load_state_dict(...)`, strict).
 # Settings from the released code: the clean latent (no noise) at t=261 - the TLFR eval branch hard-codes it
