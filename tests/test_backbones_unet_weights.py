@@ -114,6 +114,14 @@ def test_hub_file_ids_and_offline_errors(folders, monkeypatch) -> None:
     bb = create_backbone("test_sd", unet_weights="CompVis/cleandift/cleandift_sd21_unet.safetensors", **OPTS)
     assert calls == [("CompVis/cleandift", "cleandift_sd21_unet.safetensors", True)]
     assert torch.equal(bb.unet.conv_in.weight, tiny_sd_components(seed=1)["unet"].conv_in.weight)
+    # a repo id alone: a snapshot of its UNet files (a pipeline repo's unet/ or a UNet repo's root)
+    snaps = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, local_files_only=False, allow_patterns=None:
+                        snaps.append((repo_id, allow_patterns)) or str(folders["pipeline"]))
+    bb = create_backbone("test_sd", unet_weights="someone/tiny-pipeline", **OPTS)
+    assert snaps[0][0] == "someone/tiny-pipeline" and "unet/diffusion_pytorch_model*" in snaps[0][1]
+    assert torch.equal(bb.unet.conv_in.weight, tiny_sd_components(seed=1)["unet"].conv_in.weight)
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(folders["root"] / "empty_cache"))
