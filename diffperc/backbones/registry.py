@@ -168,6 +168,14 @@ _FAMILIES = (  # (family, class, diffusers pipeline, what it is)
 )
 
 
+def _family_of_preset(name: str) -> str:
+    if name in ("sdxl", "test_sdxl"):
+        return "sdxl"
+    if "dinov2" in name:
+        return "sd+dinov2" if name.startswith(("sd", "test_sd_")) else "dinov2"
+    return "sd"
+
+
 def _all_families() -> list[tuple[str, str | None, str | None, str]]:
     """``_FAMILIES`` plus every pipeline the loader knows (``_loading.FAMILIES``) that is not listed there yet."""
     from ._loading import FAMILIES
@@ -181,14 +189,11 @@ def _all_families() -> list[tuple[str, str | None, str | None, str]]:
     return rows
 
 
-def _family_of_preset(name: str, families: list[str] | None = None) -> str:
-    """A preset's family: the longest family name its name starts with (``test_`` aside); SD otherwise."""
-    if "dinov2" in name:
-        return "sd+dinov2" if name.startswith(("sd", "test_sd_")) else "dinov2"
+def _preset_family(name: str, families: list[str]) -> str:
+    """A preset's family: the longest family name its name starts with (``test_`` aside), else the rules above."""
     base = name.removeprefix("test_")
-    fams = families if families is not None else [r[0] for r in _all_families()]
-    hits = sorted((f for f in fams if "+" not in f and base.startswith(f)), key=len, reverse=True)
-    return hits[0] if hits else "sd"
+    hits = sorted((f for f in families if "+" not in f and base.startswith(f)), key=len, reverse=True)
+    return hits[0] if hits and "dinov2" not in name else _family_of_preset(name)
 
 
 def list_families() -> list[dict[str, Any]]:
@@ -201,7 +206,7 @@ def list_families() -> list[dict[str, Any]]:
     rows = _all_families()
     names = [r[0] for r in rows]
     return [{"family": fam, "class": cls, "pipeline": pipe, "description": desc,
-             "presets": [n for n in list_backbones() if _family_of_preset(n, names) == fam]}
+             "presets": [n for n in list_backbones() if _preset_family(n, names) == fam]}
             for fam, cls, pipe, desc in rows]
 
 
