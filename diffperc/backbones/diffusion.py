@@ -264,9 +264,11 @@ class DiffusionBackbone(nn.Module):
     @classmethod
     def _family_class(cls, family: str) -> type[DiffusionBackbone]:
         """The backbone class for a family read from model_index.json (``DiffusionBackbone`` dispatches)."""
+        from .flux import FluxBackbone
+        from .sd3 import SD3Backbone
         from .sdxl import SDXLBackbone
 
-        want = {"sd": DiffusionBackbone, "sdxl": SDXLBackbone}[family]
+        want = {"sd": DiffusionBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}[family]
         if cls is DiffusionBackbone or cls is want:
             return want
         raise ValueError(f"{cls.__name__}.from_pretrained got a {family!r} model; use {want.__name__} "
