@@ -190,4 +190,4 @@ def test_sd3_bad_input() -> None:
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
         bb(_images(1, 16, 16), prompt_embeds=torch.zeros(1, 5, 48))
     with pytest.raises(ValueError, match="no context stream output"):
-        SD3Backbone(**parts, layers=["transformer_blocks.2:context"]).feature_info
+        _ = SD3Backbone(**parts, layers=["transformer_blocks.2:context"]).feature_info

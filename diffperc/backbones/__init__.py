@@ -3,11 +3,11 @@
 
 from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
 from .diffusion import DiffusionBackbone
-from .registry import create_backbone, list_backbones, register_backbone
-from .sdxl import SDXLBackbone
 from .dit import DiTBackbone
 from .flux import FluxBackbone
+from .registry import create_backbone, list_backbones, register_backbone
 from .sd3 import SD3Backbone
+from .sdxl import SDXLBackbone
 
 __all__ = ["BackboneOutput", "DiffusionBackbone", "FeatureInfo", "FeatureInfoList", "create_backbone",
            "list_backbones", "register_backbone", "SDXLBackbone", "DiTBackbone", "FluxBackbone", "SD3Backbone"]

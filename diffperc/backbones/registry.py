@@ -233,7 +233,6 @@ def digits(**kw: Any) -> nn.Module:
 from . import dinov2 as _dinov2  # noqa: E402,F401
 from . import fused as _fused  # noqa: E402,F401
 
-
 # ---------------------------------------------------------------- DiT families (SD3, FLUX)
 from .dit import DiTBackbone as DiTBackboneBase  # noqa: E402
 from .flux import FluxBackbone  # noqa: E402
