@@ -158,8 +158,10 @@ def test_registry_round_trip_trainable_and_pad(tmp_path) -> None:
     assert isinstance(bb, SD3Backbone) and bb.text_encoder_3 is None
     assert not any(p.requires_grad for p in bb.parameters())
     bb.save_pretrained(tmp_path / "sd3")
-    back = DiffusionBackbone.from_pretrained(tmp_path / "sd3", layers=[1], max_sequence_length=16)
-    assert isinstance(back, SD3Backbone) and back.text_encoder_3 is None
+    back = DiffusionBackbone.from_pretrained(tmp_path / "sd3", layers=[1], max_sequence_length=16, sigma=0.26)
+    assert isinstance(back, SD3Backbone) and back.text_encoder_3 is None and back.timestep == 260
+    with pytest.raises(TypeError, match="'sigmaa'.*did you mean 'sigma'"):
+        SD3Backbone.from_pretrained(tmp_path / "sd3", sigmaa=0.2)
     x, noise = _images(1, 16, 16), torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(back(x, prompts="a", noise=noise).features[0], bb(x, prompts="a", noise=noise).features[0])
     padded = create_backbone("test_sd3", layers=[1], pad=True)

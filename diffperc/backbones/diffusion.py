@@ -253,8 +253,9 @@ class DiffusionBackbone(nn.Module):
             source = str(path) if path.exists() else str(name_or_path)
             index = model_index(source, {"revision": revision, "local_files_only": offline})
             cls = cls._family_class(family_of(index))
+        bases = [c.__init__ for c in cls.__mro__ if c not in (cls, nn.Module, object)]  # e.g. DiTBackbone's options
         check_kwargs(f"{cls.__name__}.from_pretrained", signature_names(
-            cls.__init__, DiffusionBackbone.__init__, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
+            cls.__init__, DiffusionBackbone.__init__, *bases, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
         parts = load_components(name_or_path, revision=revision, variant=variant,
                                 torch_dtype=as_dtype(torch_dtype, torch.float32), local_files_only=local_files_only,
                                 pretrained=pretrained, use_safetensors=use_safetensors, config=config, index=index)
