@@ -15,6 +15,11 @@ Latents and prompt embeddings are passed directly (no VAE, no text encoders in t
     python benchmarks/bench_dit.py                          # CPU defaults (256 px, 128 text tokens)
     python benchmarks/bench_dit.py --device cuda --dtype bfloat16 --size 1024 --text-tokens 333 --sd3-depth 24 --flux-depth 19 38
     python benchmarks/bench_dit.py --tiny                   # seconds: checks the script
+
+Measured once (2026-12-02, the 2-core CPU build machine at load ~10, shared: rough, medians of 3), defaults:
+    sd3   a_full_hook 13.8 s | b_early_stop 0.83x | c_early_stop_attention 0.84x | ensemble 4 batched 0.60x of sequential
+    flux  a_full_hook 57.9 s | b_early_stop 0.64x | c_early_stop_attention 0.41x (noise) | ensemble 4 batched 1.05x
+Early-stopped features equal the full forward's exactly (max |diff| 0) for both. No GPU run yet.
 """
 
 from __future__ import annotations
