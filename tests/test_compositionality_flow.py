@@ -211,3 +211,60 @@ def test_flow_bad_input(flow_model):
     weights = FlowMatchingClassifier(flow_model, PROMPTS, weighting="sigma_sqrt")._weights(torch.tensor([0, 999]))
     sig = flow_model.scheduler.sigmas[[999, 0]]
     assert weights[0] > weights[1] and math.isclose(weights[1].item(), sig[1].item() ** -2, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the DiT backbones
+def test_from_backbone_sd3_gives_the_tiny_flow_model_scores(flow_model):
+    from diffperc.backbones import SD3Backbone
+    from diffperc.zeroshot.flow import FlowMatchingModel
+
+    fm = flow_model
+    bb = SD3Backbone(vae=fm.vae, transformer=fm.transformer, scheduler=fm.scheduler, text_encoder=fm.text_encoder,
+                     text_encoder_2=fm.text_encoder_2, tokenizer=fm.tokenizer, tokenizer_2=fm.tokenizer_2,
+                     text_encoder_3=fm.text_encoder_3, tokenizer_3=fm.tokenizer_3, layers=[0],
+                     max_sequence_length=fm.max_sequence_length)
+    adapted = FlowMatchingModel.from_backbone(bb)
+    assert adapted.transformer is fm.transformer  # shared, not copied
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    kw = dict(schedule=[(6, 1)], timesteps="even", seed=1)
+    ref = FlowMatchingClassifier(fm, PROMPTS, **kw).pair_errors(x)
+    got = FlowMatchingClassifier(adapted, PROMPTS, **kw).pair_errors(x)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(TypeError, match="SD3Backbone or a FluxBackbone"):
+        FlowMatchingModel.from_backbone(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_flux_adapter_errors_equal_the_pipeline_computation_by_hand():
+    from diffusers import FluxPipeline
+
+    from diffperc import create_backbone
+    from diffperc.zeroshot.flow import FlowMatchingModel, FluxFlowMatchingModel
+
+    bb = create_backbone("test_flux", layers=[0], max_sequence_length=16)
+    fm = FlowMatchingModel.from_backbone(bb)
+    assert isinstance(fm, FluxFlowMatchingModel) and fm.guidance_scale == 3.5
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    clf = FlowMatchingClassifier(fm, PROMPTS, schedule=[(4, 1)], timesteps="even", seed=2)
+    pos = clf.grid(4)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    errors = clf.pair_errors(x, timesteps=pos, noise=noise)  # (1, K, 4)
+    # by hand, with FluxPipeline's own helpers and the classifier's noise bank
+    pipe = FluxPipeline(transformer=bb.transformer, scheduler=bb.scheduler, vae=bb.vae, text_encoder=bb.text_encoder,
+                        tokenizer=bb.tokenizer, text_encoder_2=bb.text_encoder_2, tokenizer_2=bb.tokenizer_2)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, max_sequence_length=16)
+    vae = bb.vae
+    x0 = (vae.encode(x * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    sched = bb.scheduler
+    ts = sched.timesteps.flip(0)[pos]
+    ids = pipe._prepare_latent_image_ids(1, 4, 4, x0.device, x0.dtype)
+    for k in range(len(PROMPTS)):
+        for j, t in enumerate(ts):
+            eps = noise[j : j + 1]
+            xt = sched.scale_noise(x0, t[None], eps)
+            v = bb.transformer(hidden_states=pipe._pack_latents(xt, 1, 4, 8, 8), timestep=t[None] / 1000,
+                               guidance=torch.full((1,), 3.5), encoder_hidden_states=embeds[k : k + 1],
+                               pooled_projections=pooled[k : k + 1], txt_ids=text_ids, img_ids=ids)[0]
+            v = pipe._unpack_latents(v, 16, 16, 2)  # 16 px images, VAE factor 2
+            ref = ((v - (eps - x0)) ** 2).mean()
+            assert abs(errors[0, k, j].item() - ref.item()) <= 1e-4 * ref.item() + 1e-7

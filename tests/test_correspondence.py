@@ -414,6 +414,10 @@ def test_configs_print_and_run_on_test_sd(config, tmp_path, capsys, monkeypatch)
     assert "class_path: diffperc.tasks.correspondence.CorrespondenceTask" in capsys.readouterr().out
     tiny = {"spair_dift_sd21.yaml": ["--model.init_args.backbone=test_sd"],
             "spair_dift_sdxl.yaml": ["--model.init_args.backbone=test_sdxl"],
+            "spair_ditf_flux.yaml": ["--model.init_args.backbone=test_flux",
+                                     '--model.init_args.backbone_kwargs={"ditf": true, "ditf_block": 3, '
+                                     '"massive_channels": [3, 7], "ensemble_size": 2, "latent_sample": "sample", '
+                                     '"max_sequence_length": 16}'],
             "spair_sddino_sd15.yaml": ["--model.init_args.backbone=test_sd_dinov2",
                                        '--model.init_args.backbone_kwargs={"sd_window": 32, "shared_noise_seed": 42}',
                                        "--model.init_args.pca_dims=4", "--data.init_args.dino_image_size=56"]}[config.name]

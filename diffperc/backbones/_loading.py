@@ -97,6 +97,10 @@ FAMILIES = {  # model_index.json _class_name -> (family, components the backbone
     "StableDiffusionPipeline": ("sd", ("vae", "unet", "text_encoder", "tokenizer", "scheduler")),
     "StableDiffusionXLPipeline": ("sdxl", ("vae", "unet", "text_encoder", "text_encoder_2", "tokenizer",
                                            "tokenizer_2", "scheduler")),
+    "StableDiffusion3Pipeline": ("sd3", ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
+                                         "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")),
+    "FluxPipeline": ("flux", ("vae", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                              "scheduler")),
 }
 _DEFAULT_CLASSES = {"vae": ("diffusers", "AutoencoderKL"), "unet": ("diffusers", "UNet2DConditionModel"),
                     "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
@@ -134,8 +138,10 @@ def _component_class(index: dict[str, Any], name: str) -> Any:
     library, cls_name = index.get(name) or _DEFAULT_CLASSES[name]
     if library not in ("diffusers", "transformers"):
         raise ValueError(f"component {name!r} comes from {library!r}; only diffusers and transformers are loaded")
-    if name == "scheduler":
-        cls_name = "DDPMScheduler" if "StableDiffusion" in index.get("_class_name", "StableDiffusion") else cls_name
+    if name == "scheduler":  # SD 1/2 and SDXL noise with DDPM; the flow families keep their own scheduler
+        unet_family = index.get("_class_name", "StableDiffusionPipeline") in ("StableDiffusionPipeline",
+                                                                              "StableDiffusionXLPipeline")
+        cls_name = "DDPMScheduler" if unet_family else cls_name
     return getattr(importlib.import_module(library), cls_name)
 
 
@@ -145,6 +151,9 @@ def _components(source: str, torch_dtype: torch.dtype, variant: str | None, use_
     _, names = FAMILIES[index.get("_class_name", "StableDiffusionPipeline")]
     out = {}
     for name in names:
+        if (index.get(name) or [""])[0] is None:  # a dropped component (SD3 without T5: [null, null])
+            out[name] = None
+            continue
         cls = _component_class(index, name)
         is_model = isinstance(cls, type) and issubclass(cls, nn.Module)
         if not is_model:  # tokenizer, scheduler: small files either way

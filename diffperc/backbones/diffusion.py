@@ -305,8 +305,9 @@ class DiffusionBackbone(nn.Module):
             source = str(path) if path.exists() else str(name_or_path)
             index = model_index(source, {"revision": revision, "local_files_only": offline})
             cls = cls._family_class(family_of(index))
+        bases = [c.__init__ for c in cls.__mro__ if c not in (cls, nn.Module, object)]  # e.g. DiTBackbone's options
         check_kwargs(f"{cls.__name__}.from_pretrained", signature_names(
-            cls.__init__, DiffusionBackbone.__init__, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
+            cls.__init__, DiffusionBackbone.__init__, *bases, cls.from_pretrained, exclude=_COMPONENTS), kwargs)
         weights_file = None
         if unet_weights is not None:  # found (or not) before the pipeline is read: a typo fails in a second
             from ._loading import resolve_unet_weights
@@ -327,9 +328,11 @@ class DiffusionBackbone(nn.Module):
     @classmethod
     def _family_class(cls, family: str) -> type[DiffusionBackbone]:
         """The backbone class for a family read from model_index.json (``DiffusionBackbone`` dispatches)."""
+        from .flux import FluxBackbone
+        from .sd3 import SD3Backbone
         from .sdxl import SDXLBackbone
 
-        want = {"sd": DiffusionBackbone, "sdxl": SDXLBackbone}[family]
+        want = {"sd": DiffusionBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}[family]
         if cls is DiffusionBackbone or cls is want:
             return want
         raise ValueError(f"{cls.__name__}.from_pretrained got a {family!r} model; use {want.__name__} "

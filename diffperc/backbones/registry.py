@@ -165,10 +165,15 @@ _FAMILIES = (  # (family, class, diffusers pipeline, what it is)
     ("sdxl", "SDXLBackbone", "StableDiffusionXLPipeline", "SDXL UNet: two text encoders, pooled embeds, time ids"),
     ("dinov2", "DINOv2Backbone", None, "DINOv2 ViT patch tokens (timm or transformers)"),
     ("sd+dinov2", "FusedBackbone", None, "SD-DINO fusion of an SD backbone and DINOv2"),
+    ("sd3", "SD3Backbone", "StableDiffusion3Pipeline", "SD3 MMDiT, rectified flow: CLIP-L + CLIP-G (+ T5), joint attention"),
+    ("flux", "FluxBackbone", "FluxPipeline", "FLUX.1 double/single-stream DiT, rectified flow; the DiTF recipe"),
 )
+_DIT_FAMILY = {"test_sd3": "sd3", "sd3-medium": "sd3", "test_flux": "flux", "flux-dev": "flux", "flux-schnell": "flux"}
 
 
 def _family_of_preset(name: str) -> str:
+    if name in _DIT_FAMILY:
+        return _DIT_FAMILY[name]
     if name in ("sdxl", "test_sdxl"):
         return "sdxl"
     if "dinov2" in name:
@@ -309,3 +314,49 @@ def _cleandift(name: str) -> Callable[..., nn.Module]:
 
 for _name in CLEANDIFT_WEIGHTS:
     register_backbone(_name, accepts=_SD_ACCEPTS)(_cleandift(_name))
+
+
+# ---------------------------------------------------------------- DiT families (SD3, FLUX)
+from .dit import DiTBackbone as DiTBackboneBase  # noqa: E402
+from .flux import FluxBackbone  # noqa: E402
+from .sd3 import SD3Backbone  # noqa: E402
+
+_DIT_HUB = {"sd3-medium": (SD3Backbone, "stabilityai/stable-diffusion-3-medium-diffusers"),
+            "flux-dev": (FluxBackbone, "black-forest-labs/FLUX.1-dev"),
+            "flux-schnell": (FluxBackbone, "black-forest-labs/FLUX.1-schnell")}
+HUB_IDS.update({k: v[1] for k, v in _DIT_HUB.items()})
+
+
+def _dit_hub(name: str) -> Callable[..., nn.Module]:
+    cls, hub_id = _DIT_HUB[name]
+
+    def build(**kw: Any) -> nn.Module:
+        return cls.from_pretrained(hub_id, **kw)
+
+    build.__doc__ = f"{cls.__name__} preset {name!r}: {hub_id} (needs the weights; gated on the Hub, see README)."
+    return build
+
+
+for _name, (_cls, _) in _DIT_HUB.items():
+    register_backbone(_name, accepts=(_cls.__init__, DiTBackboneBase.__init__, DiffusionBackbone.from_pretrained),
+                      exclude=("scale_latents", "attention_resolutions"))(_dit_hub(_name))
+
+
+@register_backbone("test_sd3", accepts=(SD3Backbone.__init__, DiTBackboneBase.__init__))
+def test_sd3(seed: int = 0, pretrained: bool = False, t5: bool = True, **kw: Any) -> nn.Module:
+    """Tiny random SD3-shaped backbone (MMDiT, 3 joint blocks, three text encoders); see ``tiny_sd3_components``."""
+    from .tiny import tiny_sd3_components
+
+    _random_only("test_sd3", pretrained)
+    kw.setdefault("max_sequence_length", 16)
+    return SD3Backbone(**tiny_sd3_components(seed=seed, t5=t5), name_or_path="test_sd3", **kw)
+
+
+@register_backbone("test_flux", accepts=(FluxBackbone.__init__, DiTBackboneBase.__init__))
+def test_flux(seed: int = 0, pretrained: bool = False, guidance: bool = True, **kw: Any) -> nn.Module:
+    """Tiny random FLUX-shaped backbone (2 double + 3 single blocks, guidance embedding); see ``tiny_flux_components``."""
+    from .tiny import tiny_flux_components
+
+    _random_only("test_flux", pretrained)
+    kw.setdefault("max_sequence_length", 16)
+    return FluxBackbone(**tiny_flux_components(seed=seed, guidance=guidance), name_or_path="test_flux", **kw)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["bundled_tokenizer", "tiny_sd_components", "tiny_sdxl_components", "TOKENIZER_DIR"]
+__all__ = ["bundled_tokenizer", "tiny_sd_components", "tiny_sdxl_components", "TOKENIZER_DIR", "tiny_sd3_components",
+           "tiny_flux_components"]
 
 TOKENIZER_DIR = resources.files("diffperc") / "assets" / "tokenizer"
 
@@ -116,3 +117,86 @@ def tiny_sdxl_components(seed: int = 0, max_length: int = 77) -> dict[str, Any]:
     return {"vae": vae.eval(), "unet": unet.eval(), "text_encoder": text_encoder.eval(),
             "text_encoder_2": text_encoder_2.eval(), "tokenizer": tokenizer, "tokenizer_2": bundled_tokenizer(max_length),
             "scheduler": scheduler}
+
+
+def _tiny_flow_vae(seed_offset: int = 0) -> Any:
+    """A 2x-downsampling VAE with SD3/FLUX's 16 -> here 4 latent channels and their shift/scale factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 8),
+                         norm_num_groups=2, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, sample_size=16,
+                         shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _tiny_clip(tok: Any, projection: bool, hidden: int = 16) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         hidden_size=hidden, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=len(tok), hidden_act="gelu", projection_dim=hidden, max_position_embeddings=77)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _tiny_t5(tok: Any, d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=24, num_layers=2, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=tok.pad_token_id))
+
+
+def tiny_sd3_components(seed: int = 0, t5: bool = True, max_length: int = 77) -> dict[str, Any]:
+    """Random tiny SD3-shaped parts (``StableDiffusion3Pipeline``'s nine components).
+
+    An ``SD3Transformer2DModel`` with 3 joint blocks (the last one ``context_pre_only``, as in SD3),
+    patch 2, width 16 (2 heads of 8); a 2x VAE with SD3's shift/scale factors; CLIP-L and CLIP-G
+    stand-ins (``CLIPTextModelWithProjection``, hidden 16 + 16, padded to the T5 width 48) and a
+    T5 encoder (d_model 48) that reads the bundled CLIP tokenizer's ids (no T5 vocabulary ships
+    offline). ``t5=False`` drops T5 (``text_encoder_3=None``), as the pipeline allows. Images
+    must be multiples of 4 pixels (VAE 2x, patch 2); latents are (4, H/2, W/2).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    tok = bundled_tokenizer(max_length)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+            pos_embed_max_size=32)
+        vae = _tiny_flow_vae()
+        te1, te2 = _tiny_clip(tok, True), _tiny_clip(tok, True)
+        te3 = _tiny_t5(tok, 48) if t5 else None
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": te1.eval(),
+            "text_encoder_2": te2.eval(), "text_encoder_3": te3.eval() if t5 else None, "tokenizer": tok,
+            "tokenizer_2": bundled_tokenizer(max_length), "tokenizer_3": bundled_tokenizer(max_length) if t5 else None,
+            "scheduler": scheduler}
+
+
+def tiny_flux_components(seed: int = 0, guidance: bool = True, max_length: int = 77) -> dict[str, Any]:
+    """Random tiny FLUX-shaped parts (``FluxPipeline``'s seven components).
+
+    A ``FluxTransformer2DModel`` with 2 double-stream and 3 single-stream blocks, width 16
+    (2 heads of 8, RoPE axes (2, 2, 4)), 2x2-packed latents (in_channels 4 x 4 = 16) and, with
+    ``guidance`` (FLUX.1-dev; schnell has none), a guidance embedding; a 2x VAE; a
+    ``CLIPTextModel`` (pooled output 16) and a T5 encoder (d_model 24) on the bundled tokenizer;
+    FLUX.1-dev's scheduler config (shift 3, dynamic shifting). Images must be multiples of 4
+    pixels (VAE 2x, 2x2 packing); latents are (4, H/2, W/2).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    tok = bundled_tokenizer(max_length)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=guidance,
+            axes_dims_rope=(2, 2, 4))
+        vae = _tiny_flow_vae()
+        te1, te2 = _tiny_clip(tok, False), _tiny_t5(tok, 24)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": te1.eval(), "text_encoder_2": te2.eval(),
+            "tokenizer": tok, "tokenizer_2": bundled_tokenizer(max_length), "scheduler": scheduler}

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from .classifier import DiffusionClassifier, evenly_spaced
 
-__all__ = ["FLOW_TIMESTEPS", "FLOW_WEIGHTINGS", "RELEASED_START_SD", "RELEASED_START_SD3", "FlowMatchingClassifier", "FlowMatchingModel", "released_grid",
-           "tiny_flow_model"]
+__all__ = ["FLOW_TIMESTEPS", "FLOW_WEIGHTINGS", "RELEASED_START_SD", "RELEASED_START_SD3", "FlowMatchingClassifier",
+           "FlowMatchingModel", "FluxFlowMatchingModel", "released_grid", "tiny_flow_model"]
 
 FLOW_TIMESTEPS = ("released", "even", "later", "logit_normal", "mode", "uniform")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -131,6 +131,35 @@ class FlowMatchingModel(nn.Module):
                                                "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")}
         return cls(**parts, name_or_path=str(path), **kwargs)
 
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, **kwargs: Any) -> FlowMatchingModel:
+        """The scoring model of an :class:`~diffperc.backbones.SD3Backbone` or
+        :class:`~diffperc.backbones.FluxBackbone`, sharing its modules (no copy).
+
+        ``kwargs`` override ``max_sequence_length``, ``latent_sample`` (and, for FLUX, ``guidance_scale``);
+        by default they are the backbone's.
+        """
+        from ..backbones.flux import FluxBackbone
+        from ..backbones.sd3 import SD3Backbone
+
+        if not isinstance(backbone, (SD3Backbone, FluxBackbone)):
+            raise TypeError(f"from_backbone takes an SD3Backbone or a FluxBackbone, got {type(backbone).__name__} "
+                            "(SD 1/2 backbones score with DiffusionClassifier)")
+        common = {"transformer": backbone.transformer, "scheduler": backbone.scheduler, "vae": backbone.vae,
+                  "text_encoder": backbone.text_encoder, "tokenizer": backbone.tokenizer,
+                  "text_encoder_2": backbone.text_encoder_2, "tokenizer_2": backbone.tokenizer_2,
+                  "name_or_path": backbone.config.get("name_or_path") or ""}
+        opts = {"max_sequence_length": backbone.max_sequence_length, "latent_sample": backbone.latent_sample}
+        if isinstance(backbone, FluxBackbone):
+            return FluxFlowMatchingModel(**common, **{**opts, "guidance_scale": backbone.guidance_scale, **kwargs})
+        return FlowMatchingModel(**common, text_encoder_3=backbone.text_encoder_3, tokenizer_3=backbone.tokenizer_3,
+                                 **{**opts, **kwargs})
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of this (the patch size)."""
+        return int(self.transformer.config.patch_size)
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -193,6 +222,83 @@ class FlowMatchingModel(nn.Module):
         return out.float()
 
 
+class FluxFlowMatchingModel(FlowMatchingModel):
+    """:class:`FlowMatchingModel`'s interface on a FLUX model (``FluxPipeline``'s components).
+
+    Text as ``FluxPipeline.encode_prompt`` (T5 prompt embeds, CLIP pooled output); latents are
+    packed 2x2 into tokens for the transformer and its velocity unpacked back to (B, C, h, w)
+    (``_pack_latents`` / ``_unpack_latents``); the transformer gets ``timestep / 1000`` and, where
+    it has a guidance embedding (FLUX.1-dev), ``guidance_scale``. Target and noising are the SD3
+    path's (flow matching: x_t = sigma eps + (1 - sigma) x0, v = eps - x0).
+
+    Args:
+        transformer, scheduler, vae, text_encoder, tokenizer (CLIP), text_encoder_2, tokenizer_2 (T5):
+            the FLUX pipeline's components.
+        max_sequence_length: T5 tokens (512 for FLUX.1-dev).
+        guidance_scale: the guidance embedding's value (3.5, the pipeline's default).
+        latent_sample, name_or_path: as :class:`FlowMatchingModel`.
+    """
+
+    def __init__(self, transformer: nn.Module, scheduler: Any, vae: nn.Module, text_encoder: nn.Module,
+                 tokenizer: Any, text_encoder_2: nn.Module, tokenizer_2: Any, max_sequence_length: int = 512,
+                 guidance_scale: float = 3.5, latent_sample: str = "mean", name_or_path: str = "") -> None:
+        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                         max_sequence_length=max_sequence_length, latent_sample=latent_sample,
+                         name_or_path=name_or_path)
+        self.guidance_scale = float(guidance_scale)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels) // 4
+
+    @property
+    def latent_multiple(self) -> int:
+        return 2 * int(self.transformer.config.patch_size)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * self.latent_multiple
+
+    def pipeline(self) -> Any:
+        """A ``FluxPipeline`` sharing these components."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(transformer=self.transformer, scheduler=copy.deepcopy(self.scheduler), vae=self.vae,
+                            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> (T5 prompt_embeds (B, L, D), CLIP pooled (B, P)), cached by caption."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if new:
+            warn_long_captions(new, self.tokenizer)
+            emb, pooled, _ = self.pipeline().encode_prompt(prompt=new, prompt_2=None, device=self.device,
+                                                           max_sequence_length=self.max_sequence_length)
+            for i, p in enumerate(new):
+                self._prompt_cache[p] = (emb[i : i + 1].cpu(), pooled[i : i + 1].cpu())
+        emb = torch.cat([self._prompt_cache[p][0] for p in prompts])
+        pooled = torch.cat([self._prompt_cache[p][1] for p in prompts])
+        return emb.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def predict(self, x_t: Tensor, timesteps: Tensor, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor) -> Tensor:
+        """Velocity (B, C, h, w) for x_t (B, C, h, w) at float timesteps (B,) in [0, 1000]."""
+        from ..backbones.flux import latent_image_ids, pack_latents
+
+        b, c, h, w = x_t.shape
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance_scale, device=x_t.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=pack_latents(x_t.to(self.dtype)), timestep=(timesteps / 1000).to(self.dtype),
+            guidance=guidance, encoder_hidden_states=prompt_embeds, pooled_projections=pooled_prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=x_t.device, dtype=self.dtype),
+            img_ids=latent_image_ids(h // 2, w // 2, x_t.device, self.dtype), return_dict=False)[0]
+        out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)  # _unpack_latents
+        return out.reshape(b, c, h, w).float()
+
+
 def warn_long_captions(captions: Sequence[str], tokenizer: Any) -> int:
     """Warn (with the count) about captions longer than the tokenizer's max length; returns the count."""
     limit = int(getattr(tokenizer, "model_max_length", 10**9))
@@ -211,7 +317,8 @@ class FlowMatchingClassifier(DiffusionClassifier):
     timesteps are ascending positions in [0, 1000) of the scheduler's training timesteps.
 
     Args:
-        model: a :class:`FlowMatchingModel` (or an SD3 backbone with the same interface).
+        model: a :class:`FlowMatchingModel` (SD3) or :class:`FluxFlowMatchingModel`; from a backbone:
+            ``FlowMatchingModel.from_backbone(create_backbone("test_sd3"))``.
         prompts, class_names, schedule, prompt_ensemble, eliminate, batch_size, seed, progress:
             as :class:`DiffusionClassifier`. Default schedule: naive on the 30 released timesteps.
         loss: ``"l2"`` (MSE) or ``"l2_norm"`` (the residual's Euclidean norm; the released CLI default).
@@ -298,7 +405,7 @@ class FlowMatchingClassifier(DiffusionClassifier):
             return self.encode(images)
         from ..backbones._checks import check_latents
 
-        latents = check_latents(latents, self.backbone.latent_channels, int(self.backbone.transformer.config.patch_size))
+        latents = check_latents(latents, self.backbone.latent_channels, int(self.backbone.latent_multiple))
         return latents.to(self.backbone.device, torch.float32)
 
     def _embeddings(self) -> tuple[Tensor, Tensor]:
