@@ -222,15 +222,22 @@ def model_info(model: str, layers: str = "vpd", device: str | torch.device | Non
     bb = backbone if backbone is not None else load_backbone(model, device=device, torch_dtype=torch_dtype,
                                                              layers=parse_layers(layers))
     sched = bb.scheduler.config
+    unet = getattr(bb, "unet", None)
+    tok = bb.tokenizer
     lines = [f"model: {model} ({type(bb).__name__})",
              f"size_multiple: {bb.size_multiple} (images must be multiples of it); native size: {native_size(bb)}",
-             f"scheduler: {type(bb.scheduler).__name__}, prediction_type={sched.prediction_type}, "
-             f"num_train_timesteps={sched.num_train_timesteps}, beta_schedule={sched.beta_schedule}",
+             f"scheduler: {type(bb.scheduler).__name__}, prediction_type={sched.get('prediction_type', 'flow')}, "
+             f"num_train_timesteps={sched.get('num_train_timesteps')}, "
+             + (f"beta_schedule={sched.beta_schedule}" if "beta_schedule" in sched else f"shift={sched.get('shift')}"),
              f"device: {bb.device}, dtype: {str(bb.dtype).removeprefix('torch.')}",
-             f"tokenizer: max length {bb.tokenizer.model_max_length}, vocabulary {len(bb.tokenizer)}",
-             "parameters: " + ", ".join(f"{n} {_count(getattr(bb, n, None))}" for n in ("unet", "vae", "text_encoder")),
+             f"tokenizer: max length {tok.model_max_length}, vocabulary {len(tok)}",
+             "parameters: " + ", ".join(f"{n} {_count(getattr(bb, n, None))}"
+                                        for n in ("unet" if unet is not None else "transformer", "vae", "text_encoder")),
              "", f"feature_info (layers={layers!r}):", f"  {'name':<40} {'channels':>8} {'reduction':>9}"]
     lines += [f"  {f.name:<40} {f.channels:>8} {f.reduction:>9}" for f in bb.feature_info]
+    if unet is None:  # SD3 / FLUX: attention maps come from joint attention (attention=True)
+        lines += ["", "attention: image->text maps of the joint attention of each tapped block (attention=True)"]
+        return "\n".join(lines)
     reds = attention_reductions(bb)
     lines += ["", f"cross-attention layers ({len(reds)}; maps are averaged per reduction):",
               f"  {'name':<56} {'reduction':>9}"]

@@ -21,7 +21,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 # Presets that load weights through DiffusionBackbone.from_pretrained: they take torch_dtype and
 # device directly, so the weights are read once in the target dtype (no fp32 copy of SD in memory).
-_FROM_PRETRAINED_PRESETS = ("digits", "sd15", "sd21", "sd21-base")
+_FROM_PRETRAINED_PRESETS = ("digits", "sd15", "sd21", "sd21-base", "sd21-cleandift", "sd15-cleandift", "sd3-medium",
+                            "flux-dev", "flux-schnell")
 
 
 def default_device() -> torch.device:

@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
                    help="preset name, diffusers folder, single file or hub id (same as --model)")
     add_model_option(p, default=None)
-    p.add_argument("--layers", default="vpd", help="layers to describe (default: vpd)")
+    p.add_argument("--layers", default=None,
+                   help="layers to describe (default: vpd on UNet models, the backbone's default on SD3/FLUX)")
     add_device_options(p)
 
 
@@ -72,8 +73,15 @@ def run(args: argparse.Namespace) -> int:
         from .._commands import model_info, parse_layers
         from ..devices import load_backbone
 
-        bb = load_backbone(model, layers=parse_layers(args.layers), **device_kwargs(args))
-        print(model_info(model, layers=args.layers, backbone=bb))
+        label = args.layers or "vpd"
+        try:
+            bb = load_backbone(model, layers=parse_layers(label), **device_kwargs(args))
+        except ValueError:
+            if args.layers is not None:
+                raise
+            label = "default"  # SD3 / FLUX have no vpd preset: their own default tap
+            bb = load_backbone(model, **device_kwargs(args))
+        print(model_info(model, layers=label, backbone=bb))
         print(taps_text(bb))
         return 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
