@@ -7,6 +7,9 @@ shard file, ``OUT/shard-{rank:05d}-of-{world:05d}.safetensors`` (keys ``<name>/<
 the one-file output), renamed into place when the rank is done. After a barrier, rank 0 writes
 ``OUT/index.json``: image relative path -> shard file and tensor keys.
 
+``shard_size`` (``--shard-size``) > 0 makes a rank close its shard every that many images and
+open the next (``-1``, ``-2`` ... suffixes), which bounds what a crash loses.
+
 Resumable: a run first reads the headers of the complete shard files already in ``OUT`` (a
 half-written shard is a hidden temporary file and is ignored, and removed by rank 0 before the
 loop) and computes only the images in none of them; a shard whose name is taken gets a
@@ -137,11 +140,12 @@ class ShardWriter(BasePredictionWriter):
     """Streams each rank's features into ``out/shard-{rank:05d}-of-{world:05d}.safetensors`` (flat memory:
     tensors go to disk batch by batch; the file appears, complete, when the rank is done)."""
 
-    def __init__(self, out: Path, run: _Run) -> None:
+    def __init__(self, out: Path, run: _Run, shard_size: int = 0) -> None:
         super().__init__(write_interval="batch")
-        self.out, self.run = out, run
+        self.out, self.run, self.shard_size = out, run, shard_size
         self.stream: SafetensorsStream | None = None
         self.summary = ExtractSummary(ignored=run.ignored)
+        self.in_stream: list[str] = []  # images of the open shard
         self.originals: dict[str, list[int]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -163,17 +167,24 @@ class ShardWriter(BasePredictionWriter):
             for layer, t in _per_image(self.run, prediction["features"], i).items():
                 self.stream.add(f"{image_name(rel)}/{layer}", t)
             self.originals[rel] = prediction["originals"][i]
+        self.in_stream += prediction["rels"]
         self.summary.written += prediction["rels"]
+        if self.shard_size and len(self.in_stream) >= self.shard_size:
+            self._close(trainer)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer: Trainer) -> None:
+        """Finish the open shard: header + data under its final name (a complete file or none)."""
         if self.stream is None:
             return
         rank, world = trainer.global_rank, trainer.world_size
-        meta = self.run.metadata(self.summary.written, self.originals)
+        meta = self.run.metadata(self.in_stream, self.originals)
         meta |= {"shard_rank": str(rank), "shard_world": str(world), "run_settings": json.dumps(_settings(self.run))}
         self.stream.path = _free_name(self.out, rank, world)
         self.summary.outputs.append(self.stream.close(meta))
-        self.stream = None
+        self.stream, self.in_stream, self.originals = None, [], {}
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.stream is not None:
@@ -217,7 +228,8 @@ def extract_features_sharded(images_dir: str | os.PathLike, out: str | os.PathLi
                              batch_size: int = 8, torch_dtype: str | torch.dtype | None = None,
                              save_dtype: str | torch.dtype | None = None, seed: int = 0, strict: bool = False,
                              accelerator: str = "auto", devices: str | int = "auto", num_nodes: int = 1,
-                             strategy: str = "auto", num_workers: int = 0, err: TextIO | None = None) -> ExtractSummary:
+                             strategy: str = "auto", num_workers: int = 0, shard_size: int = 0,
+                             err: TextIO | None = None) -> ExtractSummary:
     """:func:`diffperc.extract.extract_features` as a Lightning predict loop, one shard file per rank (see the
     module docstring for the layout and resuming). Same arguments, plus the Trainer's.
 
@@ -228,6 +240,9 @@ def extract_features_sharded(images_dir: str | os.PathLike, out: str | os.PathLi
             ``"ddp"``). With several processes on one machine, Lightning re-runs the calling script in each
             (``diffperc extract`` handles that); under SLURM or torchrun each process runs it already.
         num_workers: data-loader processes reading images, per rank.
+        shard_size: > 0: a rank closes its shard every ``shard_size`` images and opens the next
+            (``shard-R-of-W-1.safetensors``, ``-2``, ...), so a crash loses at most that many images per
+            rank; 0: one shard per rank per run.
 
     Returns:
         this rank's summary (images it wrote, unreadable ones it skipped, its shard file).
@@ -236,8 +251,8 @@ def extract_features_sharded(images_dir: str | os.PathLike, out: str | os.PathLi
     out = Path(out).expanduser()
     if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
         raise ValueError(f"--sharded writes a folder of shards; --out {str(out)!r} must be a folder, not a file")
-    if num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+    if num_workers < 0 or shard_size < 0:
+        raise ValueError(f"--num-workers and --shard-size must be >= 0, got {num_workers} and {shard_size}")
     run = _prepare(images_dir, model, layers, timestep, add_noise, ensemble_size, prompt, prompt_file, size, resize,
                    recursive, batch_size, "cpu", torch_dtype, save_dtype, seed)  # Lightning moves it to its device
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +262,7 @@ def extract_features_sharded(images_dir: str | os.PathLike, out: str | os.PathLi
     if done:
         print(f"extract: {len(run.rels) - len(todo)} of {len(run.rels)} images are already in {out}; computing the "
               f"other {len(todo)}", file=err)
-    writer = ShardWriter(out, run)
+    writer = ShardWriter(out, run, shard_size)
     trainer = Trainer(accelerator=accelerator, devices=_trainer_devices(devices), num_nodes=num_nodes,
                       strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
                       use_distributed_sampler=False, callbacks=[writer], default_root_dir=str(out))
@@ -256,7 +271,7 @@ def extract_features_sharded(images_dir: str | os.PathLike, out: str | os.PathLi
     summary, rank = writer.summary, trainer.global_rank
     if summary.written:
         print(f"extract (rank {rank}): wrote the features of {len(summary.written)} images to "
-              f"{summary.outputs[0].name}", file=err)
+              f"{', '.join(p.name for p in summary.outputs)}", file=err)
     if rank == 0:
         index = write_index(out)
         summary.total = len(index["images"])

@@ -128,3 +128,20 @@ def test_sharded_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert main(["extract", str(imgs), *CLI, *extra]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_shard_size_bounds_what_a_crash_loses(tmp_path: Path) -> None:
+    imgs, out = _images(tmp_path / "imgs"), tmp_path / "feats"
+    summary = extract_features_sharded(imgs, out, accelerator="cpu", devices=1, shard_size=2, **OPTS)
+    names = ["shard-00000-of-00001.safetensors", "shard-00000-of-00001-1.safetensors",
+             "shard-00000-of-00001-2.safetensors"]
+    assert [p.name for p in summary.outputs] == names
+    assert [_shard_files(out / n) for n in names] == [RELS[:2], RELS[2:4], RELS[4:]]
+    first = load_features(out)
+    (out / names[1]).unlink()  # as if the run had died while writing its second shard
+    again = extract_features_sharded(imgs, out, accelerator="cpu", devices=1, shard_size=2, **OPTS)
+    assert again.written == RELS[2:4] and [p.name for p in again.outputs] == [names[1]] and again.total == 5
+    got = load_features(out)
+    assert list(got) == list(first)
+    for name in first:
+        torch.testing.assert_close(got[name]["up_blocks.1"], first[name]["up_blocks.1"])

@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         g.add_argument(f"--trainer.{name}", dest=f"trainer_{name}", default=None, metavar=name.upper(),
                        help=f"{helptext} (default: {default})")
     g.add_argument("--num-workers", type=int, default=0, help="image-reading processes per rank (default: 0)")
+    g.add_argument("--shard-size", type=int, default=0, metavar="N",
+                   help="close a rank's shard every N images and open the next, so a crash loses at most N images "
+                   "per rank (default: 0, one shard per rank per run)")
 
 
 _TRAINER_FLAGS = (("accelerator", "auto", "Lightning accelerator: cpu, gpu, auto"),
@@ -77,7 +80,7 @@ def _run_sharded(args: argparse.Namespace) -> int:
         add_noise=args.add_noise, ensemble_size=args.ensemble_size, prompt=args.prompt,
         prompt_file=args.prompt_file, size=args.size, resize=args.resize, recursive=args.recursive,
         batch_size=args.batch_size, torch_dtype=args.dtype, save_dtype=args.save_dtype, seed=args.seed,
-        strict=args.strict, num_workers=args.num_workers, **trainer)
+        strict=args.strict, num_workers=args.num_workers, shard_size=args.shard_size, **trainer)
     return 1 if summary.total == 0 else 0
 
 
@@ -86,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
         if args.sharded:
             return _run_sharded(args)
         given = [f"--trainer.{n}" for n, _, _ in _TRAINER_FLAGS if getattr(args, f"trainer_{n}") is not None]
-        if given or args.num_workers:
-            raise ValueError(f"{', '.join(given or ['--num-workers'])} only apply with --sharded")
+        given += [f for f, v in (("--num-workers", args.num_workers), ("--shard-size", args.shard_size)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --sharded")
         from ..devices import resolve_device
         from ..extract import extract_features
 
