@@ -20,9 +20,9 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torch

@@ -29,11 +29,19 @@ from typing import Any, TextIO
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ._io import write_text_atomic
-from .extract import ExtractSummary, SafetensorsStream, _per_image, _prepare, _Run, forward_batch, image_name, read_image
+from .extract import (
+    ExtractSummary,
+    SafetensorsStream,
+    _per_image,
+    _prepare,
+    _Run,
+    forward_batch,
+    image_name,
+    read_image,
+)
 from .images import UnreadableImageError
 
 __all__ = ["INDEX_NAME", "ShardWriter", "extract_features_sharded", "rank_split", "read_shards"]
