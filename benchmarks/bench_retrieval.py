@@ -35,6 +35,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -275,9 +276,11 @@ def part3(args: argparse.Namespace) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - one backend failing must not lose the others' numbers
             print(f" failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
-        print(f" build {row['build_s']:.1f} s, p50 {row['p50_1_ms']:.2f} ms, recall@1 {row['recall@1']:.3f}"
+        print(f" build {row['build_s']:.1f} s ({row['add_s']:.1f} + {row['index_s']:.1f}), p50 / p99 "
+              f"{row['p50_1_ms']:.2f} / {row['p99_1_ms']:.2f} ms, recall@1 {row['recall@1']:.3f}"
               f" (load avg {row['load_avg']:.1f})", flush=True)
         rows.append(row)
+    shutil.rmtree(tmp, ignore_errors=True)  # GBs at 1M
     return rows
 
 
