@@ -131,6 +131,8 @@ class _Extractor(LightningModule):
         self.backbone = run.bb  # a submodule: Lightning moves it to this rank's device
         self.job, self.done = run, done
         self.batch_size, self.num_workers, self.strict = batch_size, num_workers, strict
+        # on a resume a rank whose block is all written has nothing to do (Lightning refuses that by default)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_dataloader(self) -> DataLoader:
         mine = rank_split(self.job.rels, self.trainer.global_rank, self.trainer.world_size)

@@ -1,8 +1,8 @@
 """diffperc extract --sharded: a Lightning predict loop, one shard per rank, every image once, resumable.
 
 The 2-process run is `python -m diffperc.cli extract ... --trainer.strategy=ddp --trainer.devices=2
---trainer.accelerator=cpu` (gloo), launched as in tests/test_ddp.py; the reference is the one-process
-`extract_features` in this process; resuming runs in this process with one device.
+--trainer.accelerator=cpu` (gloo), launched as in tests/test_ddp.py, once, then again after a shard was
+deleted; the reference is the one-process `extract_features` in this process.
 """
 
 from __future__ import annotations
@@ -73,13 +73,7 @@ def test_parser_takes_trainer_flags_without_importing_torch() -> None:
                     reason="needs torch.distributed with the gloo backend")
 def test_two_processes_write_every_image_once_then_resume(tmp_path: Path) -> None:
     imgs, out = _images(tmp_path / "imgs"), tmp_path / "feats"
-    cmd = [sys.executable, "-m", "diffperc.cli", "extract", str(imgs), *CLI, "--out", str(out), "--sharded",
-           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-4000:]
+    log = _two_processes(imgs, out, tmp_path)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-4000:]
 
     # every image exactly once, each rank its contiguous block, the index naming the shard that holds it
@@ -97,25 +91,39 @@ def test_two_processes_write_every_image_once_then_resume(tmp_path: Path) -> Non
     for name in ref:
         torch.testing.assert_close(got[name]["up_blocks.1"], ref[name]["up_blocks.1"], atol=1e-5, rtol=1e-4)
 
-    # resume: shard 1 lost (and a half-written temp of it left behind); one process recomputes only its images
+    # resume: shard 1 lost (and a half-written temp of it left behind); the same command recomputes only its
+    # images (rank 0 has nothing to do) and leaves shard 0 alone
     kept = (out / shards[0]).stat()
     (out / shards[1]).unlink()
     (out / f".{shards[1]}-x1y2.data").write_bytes(b"half a shard")
     with pytest.raises(FileNotFoundError, match="shard-00001-of-00002.safetensors named in index.json are missing"):
         load_features(out)
-    summary = extract_features_sharded(imgs, out, accelerator="cpu", devices=1, **OPTS)
-    assert summary.written == RELS[2:] and summary.total == 5
+    log = _two_processes(imgs, out, tmp_path)
+    assert "2 of 5 images are already in" in log and "(rank 1): wrote the features of 3 images" in log, log[-4000:]
+    assert "(rank 0): wrote" not in log
     assert (out / shards[0]).stat().st_mtime_ns == kept.st_mtime_ns and (out / shards[0]).stat().st_ino == kept.st_ino
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-00000-of-00001.safetensors", shards[0]]
-    assert _shard_files(out / "shard-00000-of-00001.safetensors") == RELS[2:]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", *shards]  # the temp is gone
+    assert _shard_files(out / shards[1]) == RELS[2:]
     got = load_features(out)
     for name in ref:
         torch.testing.assert_close(got[name]["up_blocks.1"], ref[name]["up_blocks.1"], atol=1e-5, rtol=1e-4)
 
-    # everything there: a rerun computes nothing; other settings are refused
-    assert extract_features_sharded(imgs, out, accelerator="cpu", devices=1, **OPTS).written == []
+    # everything there: a rerun (here one process) computes nothing; other settings are refused
+    summary = extract_features_sharded(imgs, out, accelerator="cpu", devices=1, **OPTS)
+    assert summary.written == [] and summary.total == 5
     with pytest.raises(ValueError, match=r"other settings \(seed"):
         extract_features_sharded(imgs, out, accelerator="cpu", devices=1, seed=1, **OPTS)
+
+
+def _two_processes(imgs: Path, out: Path, cwd: Path) -> str:
+    cmd = [sys.executable, "-m", "diffperc.cli", "extract", str(imgs), *CLI, "--out", str(out), "--sharded",
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    return log
 
 
 def test_sharded_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
