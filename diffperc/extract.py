@@ -20,6 +20,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,19 +34,21 @@ from ._io import atomic_file
 from .images import IMAGE_SUFFIXES, UnreadableImageError, fit, fit_box, open_image, to_tensor
 
 __all__ = ["ExtractSummary", "SafetensorsStream", "extract_features", "image_seed", "list_image_files",
-           "read_prompt_file"]
+           "load_features", "read_prompt_file"]
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 @dataclass
 class ExtractSummary:
-    """What :func:`extract_features` did: images written, unreadable ones skipped (name, reason), files ignored."""
+    """What :func:`extract_features` did: images written, unreadable ones skipped (name, reason), files ignored,
+    files written; ``total``: images in a ``--sharded`` output after the run (rank 0 only; else None)."""
 
     written: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
+    total: int | None = None
 
 
 def list_image_files(folder: str | os.PathLike, recursive: bool = False,
@@ -174,6 +177,58 @@ def _forward(bb: nn.Module, images: Tensor, prompts: list[str], seeds: list[int]
     return bb(images, prompts=prompts, **kwargs).features
 
 
+@dataclass
+class _Run:
+    """What both extract paths (one process, :mod:`diffperc.extract_sharded`) share once the inputs are
+    checked and the backbone is loaded."""
+
+    root: Path
+    rels: list[str]
+    ignored: list[str]
+    prompts: dict[str, str]
+    bb: nn.Module
+    model: str
+    size: int
+    resize: str
+    seed: int
+    store_dtype: torch.dtype
+
+    def metadata(self, rels: list[str], originals: dict[str, list[int]]) -> dict[str, str]:
+        return _metadata(self.bb, self.model, self.size, self.resize, self.prompts, rels, originals, self.seed)
+
+
+def _prepare(images_dir: str | os.PathLike, model: str, layers: str, timestep: int | None, add_noise: bool | None,
+             ensemble_size: int, prompt: str, prompt_file: str | os.PathLike | None, size: int | None, resize: str,
+             recursive: bool, batch_size: int, device: str | torch.device | None,
+             torch_dtype: str | torch.dtype | None, save_dtype: str | torch.dtype | None, seed: int) -> _Run:
+    """List the images, read the prompts, check the options, load the backbone (errors before any work)."""
+    from ._commands import native_size, parse_layers
+    from .devices import load_backbone, resolve_dtype
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    rels, ignored = list_image_files(images_dir, recursive)
+    if not rels:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}"
+                                + ("" if recursive else " (subfolders are skipped without --recursive)"))
+    prompts = read_prompt_file(prompt_file, rels) if prompt_file is not None else dict.fromkeys(rels, prompt)
+    fit_box(1, 1, 1, resize)  # validates the mode before the model loads
+    kwargs: dict[str, Any] = {"layers": parse_layers(layers), "ensemble_size": ensemble_size}
+    kwargs.update({k: v for k, v in (("timestep", timestep), ("add_noise", add_noise)) if v is not None})
+    bb = load_backbone(model, device=device, torch_dtype=torch_dtype, **kwargs)
+    store_dtype = resolve_dtype(save_dtype if save_dtype is not None else torch_dtype, "--save-dtype")
+    size = size or native_size(bb)
+    if size % bb.size_multiple:
+        raise ValueError(f"--size {size} is not a multiple of {bb.size_multiple}: use "
+                         f"{max(bb.size_multiple, size // bb.size_multiple * bb.size_multiple)}")
+    return _Run(Path(images_dir).expanduser(), rels, ignored, prompts, bb, model, size, resize, seed, store_dtype)
+
+
+def _per_image(run: _Run, feats: list[Tensor], i: int) -> dict[str, Tensor]:
+    """Image ``i``'s features of a batch, {layer: (C, S/r, S/r)} on the CPU in the stored dtype."""
+    return {layer: f[i].to("cpu", run.store_dtype) for layer, f in zip(run.bb.layers, feats, strict=True)}
+
+
 def extract_features(images_dir: str | os.PathLike, out: str | os.PathLike, model: str = "digits",
                      layers: str = "vpd", timestep: int | None = None, add_noise: bool | None = None,
                      ensemble_size: int = 1, prompt: str = "", prompt_file: str | os.PathLike | None = None,
@@ -198,50 +253,32 @@ def extract_features(images_dir: str | os.PathLike, out: str | os.PathLike, mode
         seed: with each image's relative path, seeds that image's noise.
         strict: raise :class:`UnreadableImageError` at the first unreadable image instead of skipping it.
         err: stream for progress and the report (default stderr).
-    """
-    from ._commands import native_size, parse_layers
-    from .devices import load_backbone, resolve_dtype
 
+    Many GPUs or nodes: :func:`diffperc.extract_sharded.extract_features_sharded` (``--sharded``).
+    """
     err = err or sys.stderr
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    rels, ignored = list_image_files(images_dir, recursive)
-    if not rels:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}"
-                                + ("" if recursive else " (subfolders are skipped without --recursive)"))
-    prompts = read_prompt_file(prompt_file, rels) if prompt_file is not None else dict.fromkeys(rels, prompt)
-    fit_box(1, 1, 1, resize)  # validates the mode before the model loads
-    kwargs: dict[str, Any] = {"layers": parse_layers(layers), "ensemble_size": ensemble_size}
-    kwargs.update({k: v for k, v in (("timestep", timestep), ("add_noise", add_noise)) if v is not None})
-    bb = load_backbone(model, device=device, torch_dtype=torch_dtype, **kwargs)
-    store_dtype = resolve_dtype(save_dtype if save_dtype is not None else torch_dtype, "--save-dtype")
-    size = size or native_size(bb)
-    if size % bb.size_multiple:
-        raise ValueError(f"--size {size} is not a multiple of {bb.size_multiple}: use "
-                         f"{max(bb.size_multiple, size // bb.size_multiple * bb.size_multiple)}")
-    out, root = Path(out), Path(images_dir).expanduser()
+    run = _prepare(images_dir, model, layers, timestep, add_noise, ensemble_size, prompt, prompt_file, size, resize,
+                   recursive, batch_size, device, torch_dtype, save_dtype, seed)
+    out, rels = Path(out), run.rels
     stream = SafetensorsStream(out) if out.suffix == ".safetensors" else None
-    summary, originals = ExtractSummary(ignored=ignored), {}
+    summary, originals = ExtractSummary(ignored=run.ignored), {}
     try:
         with tqdm(total=len(rels), desc="extract", unit="img", file=err) as bar:
             for start in range(0, len(rels), batch_size):
                 chunk = rels[start : start + batch_size]
-                batch, names = _read_batch(root, chunk, size, resize, strict, summary, originals, err)
+                batch, names = _read_batch(run.root, chunk, run.size, resize, strict, summary, originals, err)
                 bar.update(len(chunk))
                 if not batch:
                     continue
-                with torch.no_grad():
-                    feats = _forward(bb, torch.stack(batch), [prompts[r] for r in names],
-                                     [image_seed(seed, r) for r in names], size)
+                feats = forward_batch(run, torch.stack(batch), names)
                 for i, rel in enumerate(names):
-                    per_image = {layer: f[i].to("cpu", store_dtype) for layer, f in zip(bb.layers, feats, strict=True)}
-                    name = image_name(rel)
+                    per_image, name = _per_image(run, feats, i), image_name(rel)
                     if stream is not None:
                         for layer, t in per_image.items():
                             stream.add(f"{name}/{layer}", t)
                     else:
-                        meta = _metadata(bb, model, size, resize, prompts, [rel], originals, seed)
-                        summary.outputs.append(_save(per_image, out / f"{name}.safetensors", meta))
+                        summary.outputs.append(_save(per_image, out / f"{name}.safetensors",
+                                                     run.metadata([rel], originals)))
                 summary.written += names
     except BaseException:
         if stream is not None:
@@ -249,12 +286,26 @@ def extract_features(images_dir: str | os.PathLike, out: str | os.PathLike, mode
         raise
     if stream is not None:
         if summary.written:
-            summary.outputs.append(stream.close(_metadata(bb, model, size, resize, prompts, summary.written,
-                                                          originals, seed)))
+            summary.outputs.append(stream.close(run.metadata(summary.written, originals)))
         else:
             stream.abort()
     _report(summary, out, err)
     return summary
+
+
+def forward_batch(run: _Run, images: Tensor, rels: list[str]) -> list[Tensor]:
+    """Features (one (B, C, S/r, S/r) per layer) of a batch of fitted images (B, 3, S, S) named by ``rels``;
+    each image's noise comes from ``(run.seed, its relative path)``."""
+    with torch.no_grad():
+        return _forward(run.bb, images, [run.prompts[r] for r in rels], [image_seed(run.seed, r) for r in rels],
+                        run.size)
+
+
+def read_image(root: Path, rel: str, size: int, resize: str) -> tuple[Tensor, list[int]]:
+    """One image fitted to (3, size, size) in [0, 1] and its original [height, width]; raises
+    :class:`UnreadableImageError`."""
+    im = open_image(root / rel, name=rel)
+    return to_tensor(fit(im, size, resize)), [im.height, im.width]
 
 
 def _read_batch(root: Path, rels: list[str], size: int, resize: str, strict: bool, summary: ExtractSummary,
@@ -263,15 +314,14 @@ def _read_batch(root: Path, rels: list[str], size: int, resize: str, strict: boo
     batch, names = [], []
     for rel in rels:
         try:
-            im = open_image(root / rel, name=rel)
+            image, originals[rel] = read_image(root, rel, size, resize)
         except UnreadableImageError as e:
             if strict:
                 raise UnreadableImageError(f"{e} (--strict stops at the first unreadable image)") from e
             summary.skipped.append((rel, str(e)))
             tqdm.write(f"skipped unreadable image {e}", file=err)
             continue
-        originals[rel] = [im.height, im.width]
-        batch.append(to_tensor(fit(im, size, resize)))  # (3, S, S)
+        batch.append(image)  # (3, S, S)
         names.append(rel)
     return batch, names
 
@@ -311,3 +361,65 @@ def _report(summary: ExtractSummary, out: Path, err: TextIO) -> None:
               f"{', '.join(summary.ignored[:10])}{' ...' if len(summary.ignored) > 10 else ''}", file=err)
     if not summary.written:
         print("extract: error: no image could be read; nothing was written", file=err)
+
+
+def load_features(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, dict[str, Tensor]]:
+    """Read what ``diffperc extract`` wrote: {image name: {layer: (C, S/r, S/r)}}, sorted by name.
+
+    Args:
+        path: one ``*.safetensors`` file (keys ``<name>/<layer>``), a ``--sharded`` folder (its
+            ``index.json``, or its ``shard-*.safetensors`` files when the index is missing) or a folder
+            of one ``<name>.safetensors`` per image. Hidden (temporary) files are ignored.
+        names: only these images (name = relative path without suffix); default all.
+
+    Raises:
+        FileNotFoundError: no such path, or a shard named by the index is missing (rerun the same
+            ``extract --sharded`` command: it recomputes only the missing shard's images).
+        KeyError: a name in ``names`` that is not in the features.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        got = _read_keyed([path], None)
+    elif (path / "index.json").is_file():
+        index = json.loads((path / "index.json").read_text())
+        by_shard: dict[str, list[str]] = {}
+        for entry in index["images"].values():
+            by_shard.setdefault(entry["shard"], []).extend(entry["keys"])
+        missing = sorted(f for f in by_shard if not (path / f).is_file())
+        if missing:
+            raise FileNotFoundError(f"{path}: shard(s) {', '.join(missing)} named in index.json are missing: rerun the "
+                                    "same `diffperc extract --sharded` command to recompute their images")
+        got = _read_keyed([path / f for f in sorted(by_shard)], by_shard)
+    elif path.is_dir() and any(path.glob("shard-*.safetensors")):
+        got = _read_keyed(sorted(path.glob("shard-*.safetensors")), None)
+    elif path.is_dir():
+        from safetensors.torch import load_file
+
+        files = [f for f in sorted(path.rglob("*.safetensors"))
+                 if not any(part.startswith(".") for part in f.relative_to(path).parts)]
+        got = {f.relative_to(path).with_suffix("").as_posix(): load_file(f) for f in files}
+    else:
+        raise FileNotFoundError(f"{str(path)!r} does not exist: expected the --out of `diffperc extract`")
+    if names is not None:
+        unknown = [n for n in names if n not in got]
+        if unknown:
+            raise KeyError(f"no features of {', '.join(unknown[:3])} in {path} (names are relative paths without "
+                           f"suffix, e.g. {next(iter(got), '?')!r})")
+        got = {n: got[n] for n in names}
+    return dict(sorted(got.items()))
+
+
+def _read_keyed(files: list[Path], keys: dict[str, list[str]] | None) -> dict[str, dict[str, Tensor]]:
+    """Tensors ``<name>/<layer>`` of safetensors files (only ``keys[file name]`` where given); the first file
+    holding an image wins."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, Tensor]] = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in (keys[file.name] if keys is not None else f.keys()):
+                name, layer = key.rsplit("/", 1)
+                if keys is None and name in out and layer in out[name]:
+                    continue
+                out.setdefault(name, {})[layer] = f.get_tensor(key)
+    return out

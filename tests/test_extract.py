@@ -80,3 +80,28 @@ def test_safetensors_stream_matches_save_file(tmp_path):
         s2 = SafetensorsStream(tmp_path / "t.safetensors")
         s2.add("a", torch.ones(1))
         s2.add("a", torch.ones(1))
+
+
+def test_load_features_reads_one_file_and_a_per_image_folder_alike(tmp_path):
+    from diffperc.extract import load_features
+
+    _img(tmp_path / "imgs" / "a.png", 32, 32, 0)
+    _img(tmp_path / "imgs" / "sub" / "b.png", 32, 32, 1)
+    (tmp_path / "imgs" / "sub" / ".hidden.safetensors").write_bytes(b"")  # a temp file: not an image's features
+    args = ["extract", str(tmp_path / "imgs"), *COMMON, "-r", "--layers", "up_blocks.0,up_blocks.1"]
+    assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert main([*args, "--out", str(tmp_path / "per")]) == 0
+    (tmp_path / "per" / ".x.safetensors").write_bytes(b"partial")
+    raw = load_file(tmp_path / "one.safetensors")
+    one, per = load_features(tmp_path / "one.safetensors"), load_features(tmp_path / "per")
+    assert list(one) == list(per) == ["a", "sub/b"]
+    for name in one:
+        assert sorted(one[name]) == sorted(per[name]) == ["up_blocks.0", "up_blocks.1"]
+        for layer in one[name]:
+            assert torch.equal(one[name][layer], raw[f"{name}/{layer}"])
+            torch.testing.assert_close(per[name][layer], one[name][layer], atol=1e-5, rtol=1e-4)
+    assert list(load_features(tmp_path / "per", names=["sub/b"])) == ["sub/b"]
+    with pytest.raises(KeyError, match="no features of sub/c"):
+        load_features(tmp_path / "one.safetensors", names=["sub/c"])
+    with pytest.raises(FileNotFoundError, match="expected the --out of `diffperc extract`"):
+        load_features(tmp_path / "nothing")
