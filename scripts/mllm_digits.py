@@ -54,7 +54,8 @@ def is_a(w: str) -> str:
 class Setup:
     """The images used (train positions first, then held-out), their labels and fixed per-image choices."""
 
-    def __init__(self, n_train: int, heldout: int | None, seed: int) -> None:
+    def __init__(self, n_train: int, heldout: int | None, seed: int, captions: bool = True) -> None:
+        self.captions = captions  # False: no leakage runs, so no caption prompts to extract
         tr_img, tr_lab = load("train")
         te_img, te_lab = load("heldout")
         g = torch.Generator().manual_seed(seed)
@@ -70,7 +71,7 @@ class Setup:
 
     def prompts_of(self, i: int) -> list[str]:
         y = int(self.labels[i])
-        caps = {y, int(self.wrong_caption[i]), int(self.probe_caption[i])}
+        caps = {y, int(self.wrong_caption[i]), int(self.probe_caption[i])} if self.captions else set()
         return ["", WHICH, EVEN, is_a(CLASS_WORDS[y]), is_a(CLASS_WORDS[int(self.wrong_word[i])]),
                 *(caption(c) for c in sorted(caps))]
 
@@ -280,7 +281,7 @@ def run(model: str = "digits", tap: str = MUSTAFAR_TAP, timestep: int = 50, n_tr
         heldout: int | None = None, steps: int = 1500, batch: int = 64, hidden: int = 64, lr: float = 3e-3,
         seed: int = 0, cache: Path | None = None, arms=ARMS, leakage: bool = True, log=print) -> dict:
     t0 = time.time()
-    setup = Setup(n_train, heldout, seed)
+    setup = Setup(n_train, heldout, seed, captions=leakage)
     feats = Features(setup, model, tap, timestep, seed, cache, log=log)
     pix = PixelPatchTower(8)(setup.images)  # (N, 192, 4, 4)
     t_feat = time.time() - t0
