@@ -264,6 +264,18 @@ def run_leakage(setup: Setup, feats: Features, steps, batch, hidden, lr, seed, l
     return out
 
 
+def run_digit_probe(setup: Setup, feats: Features, pix: torch.Tensor) -> dict:
+    """What each arm's tokens carry, without the LM: a linear probe of the digit (train -> held-out images)
+    on the pooled tokens of (a) f(""), (b) f("which digit is this ?") at s = 1 and 4, (c) pixel patches."""
+    idx = torch.arange(len(setup.labels))
+    which = [WHICH] * len(idx)
+    maps = {"a_diffusion_no_prompt": feats.guided(idx, which, 0.0),
+            "b_question_prompt_s1": feats.guided(idx, which, 1.0),
+            "b_question_prompt_s4": feats.guided(idx, which, 4.0), "c_pixel_patches": pix}
+    y, tr, te = setup.labels, setup.train, setup.test
+    return {k: prompt_probe(m[tr], y[tr], m[te], y[te]) for k, m in maps.items()}
+
+
 def run_probe(setup: Setup, feats: Features, scales=(0.0, 1.0, 4.0)) -> dict:
     """Linear probe: which caption conditioned the tokens (train images -> held-out images)."""
     n = len(setup.labels)
@@ -279,7 +291,8 @@ def run_probe(setup: Setup, feats: Features, scales=(0.0, 1.0, 4.0)) -> dict:
 
 def run(model: str = "digits", tap: str = MUSTAFAR_TAP, timestep: int = 50, n_train: int = 600,
         heldout: int | None = None, steps: int = 1500, batch: int = 64, hidden: int = 64, lr: float = 3e-3,
-        seed: int = 0, cache: Path | None = None, arms=ARMS, leakage: bool = True, log=print) -> dict:
+        seed: int = 0, cache: Path | None = None, arms=ARMS, leakage: bool = True, leakage_lm: bool = True,
+        log=print) -> dict:
     t0 = time.time()
     setup = Setup(n_train, heldout, seed, captions=leakage)
     feats = Features(setup, model, tap, timestep, seed, cache, log=log)
@@ -292,9 +305,12 @@ def run(model: str = "digits", tap: str = MUSTAFAR_TAP, timestep: int = 50, n_tr
                  "chance": {"which_digit": 0.1, "is_it_a": 0.5,
                             "is_even": round(max(float((setup.labels[setup.test] % 2 == 0).float().mean()),
                                                  float((setup.labels[setup.test] % 2 == 1).float().mean())), 4)}}
+    res["digit_probe"] = run_digit_probe(setup, feats, pix)
+    log(f"digit probe: {res['digit_probe']}")
     res["qa"] = run_qa(setup, feats, pix, arms, steps, batch, hidden, lr, seed, log)
     if leakage:
-        res["leakage"] = run_leakage(setup, feats, steps // 2, batch, hidden, lr, seed, log)
+        if leakage_lm:
+            res["leakage"] = run_leakage(setup, feats, steps // 2, batch, hidden, lr, seed, log)
         res["probe"] = run_probe(setup, feats)
         log(f"probe: {res['probe']}")
     res["seconds"] = round(time.time() - t0, 1)
@@ -314,19 +330,21 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="feature cache folder (reruns skip the UNet)")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated QA arms to train")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated QA arms to train ('none': only the features and the digit probe)")
     ap.add_argument("--no-leakage", action="store_true", help="skip the leakage runs and the probe")
+    ap.add_argument("--no-leakage-lm", action="store_true",
+                    help="skip the captioning (LM) leakage runs, keep the linear prompt probe")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for this tiny LM on a shared CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    arms = [a for a in args.arms.split(",") if a]
+    arms = [a for a in args.arms.split(",") if a and a != "none"]
     bad = sorted(set(arms) - set(ARMS))
     if bad:
         ap.error(f"unknown --arms {bad}; choose from {list(ARMS)}")
     res = run(args.model, args.tap, args.timestep, args.n_train, args.heldout, args.steps, args.batch, args.hidden,
-              args.lr, args.seed, args.cache, arms, not args.no_leakage)
+              args.lr, args.seed, args.cache, arms, not args.no_leakage, not args.no_leakage_lm)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
