@@ -82,7 +82,6 @@ class Features:
     def __init__(self, setup: Setup, model: str, tap: str, timestep: int, seed: int, cache: Path | None,
                  batch: int = 512, log=print) -> None:
         self.tower = DiffusionTower(model, layer=tap, timestep=timestep, image_size=None, pool=2)
-        bb = self.tower.backbone
         need: dict[str, list[int]] = defaultdict(list)
         for i in range(len(setup.labels)):
             for p in setup.prompts_of(i):
