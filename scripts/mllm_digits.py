@@ -1,12 +1,13 @@
 """Real check of the MLLM path on the bundled digits model: a tiny LLaVA answering questions about held-out digits.
 
 A tiny random Llama (word-level tokenizer) and the LLaVA-1.5 mlp2x_gelu projector are trained jointly,
-in LLaVA's vicuna_v1 format, on digits 0-1499 (sklearn), and evaluated by greedy generation on the
-held-out digits 1500-1796 with three questions: "which digit is this ?", "is it a {w} ?" (w the true
-digit for half of the images), "is the digit even ?". Visual tokens (16 per image) come from:
+in LLaVA's vicuna_v1 format, on ``--n-train`` digits drawn from 0-1499 (sklearn), and evaluated by
+greedy generation on the held-out digits 1500-1796 with three questions: "which digit is this ?",
+"is it a {w} ?" (w the true digit for half of the images, else one fixed wrong digit per image),
+"is the digit even ?". Visual tokens (16 per image) come from:
 
-  (a) diffusion features without a prompt: the bundled UNet at Mustafar's tap
-      up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q, t=50, 8x8 map pooled to 4x4;
+  (a) diffusion features without a prompt: the UNet at ``--tap`` (Mustafar's
+      up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q), ``--timestep`` (50), 8x8 map pooled to 4x4;
   (b) the same conditioned on the question (Mustafar), guidance scale s = 1 and s = 4;
   (c) raw 8x8 pixel patches (no encoder).
 
@@ -15,10 +16,13 @@ with the true caption as the diffusion prompt, with caption dropout 0.5, or with
 no-prompt pre-training) are conditioned at test time on the caption of another digit; we count how often
 the generated caption repeats it. A linear probe recovers the prompt's digit from pooled visual tokens.
 
-Features are extracted once (latents and noise fixed per image; f_s = f("") + s (f(q) - f("")) as
-DiffusionTower computes it). Run (a few CPU minutes):
+Speed: only the images used are encoded, and each image runs the UNet only under the prompts it is
+asked with (8 per image: "", the 3 question types with its own is-it-a words, its true, mismatched and
+probe captions) instead of all 23; latents and noise are fixed per image; features go to an on-disk
+:class:`~diffperc.feature_cache.FeatureCache` (``--cache``) keyed by model, tap, timestep, seed and
+prompt, so a rerun skips the UNet. f_s = f("") + s (f(q) - f("")) as DiffusionTower computes it.
 
-    OMP_NUM_THREADS=1 python scripts/mllm_digits.py --out mllm_digits.json
+    python scripts/mllm_digits.py --n-train 300 --steps 400 --out mllm_digits.json --cache /tmp/mllm_cache
 """
 
 from __future__ import annotations
@@ -26,61 +30,141 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from diffperc.data.digits import CLASS_WORDS, caption, load
+from diffperc.data.digits import CLASS_WORDS, HELDOUT_START, caption, load
+from diffperc.feature_cache import FeatureCache, text_key
 from diffperc.mllm.encoder import VisionEncoder
 from diffperc.mllm.leakage import mismatched, prompt_probe, repetition_rates
 from diffperc.mllm.model import LlavaModel, tiny_llama
 from diffperc.mllm.towers import MUSTAFAR_TAP, DiffusionTower, PixelPatchTower
 
 WHICH, EVEN, DESCRIBE = "which digit is this ?", "is the digit even ?", "describe the digit ."
+ARMS = ("a_diffusion_no_prompt", "b_question_prompt_s1", "b_question_prompt_s4", "c_pixel_patches")
+MITIGATIONS = {"caption_prompt": 0.0, "caption_dropout_0.5": 0.5, "no_prompt_pretraining": 1.0}
 
 
 def is_a(w: str) -> str:
     return f"is it a {w} ?"
 
 
-PROMPTS = ["", WHICH, EVEN, *(is_a(w) for w in CLASS_WORDS), *(caption(i) for i in range(10))]
+class Setup:
+    """The images used (train positions first, then held-out), their labels and fixed per-image choices."""
+
+    def __init__(self, n_train: int, heldout: int | None, seed: int, captions: bool = True) -> None:
+        self.captions = captions  # False: no leakage runs, so no caption prompts to extract
+        tr_img, tr_lab = load("train")
+        te_img, te_lab = load("heldout")
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(tr_lab), generator=g)[:n_train].sort().values
+        n_te = len(te_lab) if heldout is None else min(heldout, len(te_lab))
+        self.images = torch.cat([tr_img[pick], te_img[:n_te]])  # (N, 3, 32, 32)
+        self.labels = torch.cat([tr_lab[pick], te_lab[:n_te]])
+        self.source = torch.cat([pick, torch.arange(HELDOUT_START, HELDOUT_START + n_te)])  # sklearn index
+        self.train, self.test = torch.arange(len(pick)), torch.arange(len(pick), len(pick) + n_te)
+        self.wrong_word = mismatched(self.labels, 10, seed=seed + 1)  # the is-it-a distractor of each image
+        self.wrong_caption = mismatched(self.labels, 10, seed=seed)  # leakage test prompt
+        self.probe_caption = torch.randint(0, 10, (len(self.labels),), generator=g)  # independent of the digit
+
+    def prompts_of(self, i: int) -> list[str]:
+        y = int(self.labels[i])
+        caps = {y, int(self.wrong_caption[i]), int(self.probe_caption[i])} if self.captions else set()
+        return ["", WHICH, EVEN, is_a(CLASS_WORDS[y]), is_a(CLASS_WORDS[int(self.wrong_word[i])]),
+                *(caption(c) for c in sorted(caps))]
 
 
-@torch.no_grad()
-def extract(tower: DiffusionTower, images: torch.Tensor, batch: int = 600, seed: int = 0) -> torch.Tensor:
-    """(P, N, C, 4, 4) features of every image under every prompt of PROMPTS (s = 1), fixed noise per image."""
-    bb = tower.backbone
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.cat([bb.encode_images(images[i : i + batch]) for i in range(0, len(images), batch)])
-    noise = torch.randn(latents.shape, generator=g)
+class Features:
+    """Pooled tower features f(prompt) of the setup's images, extracted once per (prompt, image) needed."""
+
+    def __init__(self, setup: Setup, model: str, tap: str, timestep: int, seed: int, cache: Path | None,
+                 batch: int = 512, log=print) -> None:
+        self.tower = DiffusionTower(model, layer=tap, timestep=timestep, image_size=None, pool=2)
+        need: dict[str, list[int]] = defaultdict(list)
+        for i in range(len(setup.labels)):
+            for p in setup.prompts_of(i):
+                need[p].append(i)
+        self.calls = sum(len(v) for v in need.values())
+        self.seed = seed
+        self._latents: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self.slot: dict[tuple[str, int], int] = {}
+        chunks = []
+        store = FeatureCache(cache, {"model": str(model), "tap": tap, "timestep": timestep, "seed": seed, "pool": 2,
+                                     "script": "mllm_digits"}, "mllm_digits") if cache else None
+        for p, idx in need.items():
+            idx_t = torch.tensor(idx)
+            item = text_key(p + "|" + ",".join(map(str, setup.source[idx_t].tolist())))
+            got = store.load(item) if store else None
+            if got is None:
+                f = self._extract(setup, idx_t, p, batch)
+                if store:
+                    store.save(item, {"features": f})
+            else:
+                f = got["features"]
+            for j, i in enumerate(idx):
+                self.slot[(p, i)] = sum(len(c) for c in chunks) + j
+            chunks.append(f)
+        self.table = torch.cat(chunks)  # (slots, C, 4, 4)
+        self.hits = store.hits if store else 0
+        log(f"features: {len(need)} prompts, {self.calls} (prompt, image) UNet inputs, cache hits {self.hits}/{len(need)}")
+
+    @torch.no_grad()
+    def _extract(self, setup: Setup, idx: torch.Tensor, prompt: str, batch: int) -> torch.Tensor:
+        bb = self.tower.backbone
+        if self._latents is None:
+            self._latents = torch.cat([bb.encode_images(setup.images[i : i + batch])
+                                       for i in range(0, len(setup.images), batch)])
+            # the noise of sklearn image k is the k-th draw, whatever subset is used
+            g = torch.Generator().manual_seed(self.seed)
+            self._noise = torch.randn((1797, *self._latents.shape[1:]), generator=g)
+        lat, noise = self._latents[idx], self._noise[setup.source[idx]]
+        out = [bb(latents=lat[i : i + batch], prompts=prompt, noise=noise[i : i + batch]).features[0]
+               for i in range(0, len(idx), batch)]
+        return torch.nn.functional.avg_pool2d(torch.cat(out), self.tower.pool)
+
+    def guided(self, idx: torch.Tensor, prompts: list[str], s: float) -> torch.Tensor:
+        """f("") + s (f(q) - f("")) for image idx[k] under prompts[k]: (B, C, 4, 4)."""
+        i = idx.tolist()
+        f0 = self.table[[self.slot[("", k)] for k in i]]
+        if s == 0:
+            return f0
+        fq = self.table[[self.slot[(p, k)] for p, k in zip(prompts, i, strict=True)]]
+        return f0 + s * (fq - f0)
+
+
+def qa_sample(setup: Setup, idx: torch.Tensor, g: torch.Generator) -> list[tuple[str, str, str]]:
+    """A random question type per image: (question, answer, diffusion prompt = the question)."""
     out = []
-    for p in PROMPTS:
-        feats = [bb(latents=latents[i : i + batch], prompts=p, noise=noise[i : i + batch]).features[0]
-                 for i in range(0, len(images), batch)]
-        out.append(torch.nn.functional.avg_pool2d(torch.cat(feats), tower.pool))
-    return torch.stack(out)
-
-
-def guided(feats: torch.Tensor, prompt_idx: torch.Tensor, images: torch.Tensor, s: float) -> torch.Tensor:
-    """f("") + s (f(q) - f("")) for image i under prompt prompt_idx[i]: (B, C, h, w)."""
-    f0, fq = feats[0, images], feats[prompt_idx, images]
-    return f0 + s * (fq - f0)
-
-
-def qa(indices: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> list[tuple[str, str]]:
-    """For each image, a random question type and its answer (is-it-a: true digit half the time)."""
-    out = []
-    kinds = torch.randint(0, 3, (len(indices),), generator=g).tolist()
-    for i, k in zip(indices.tolist(), kinds, strict=True):
-        y = int(labels[i])
+    for i, k in zip(idx.tolist(), torch.randint(0, 3, (len(idx),), generator=g).tolist(), strict=True):
+        y = int(setup.labels[i])
         if k == 0:
-            out.append((WHICH, CLASS_WORDS[y]))
+            q, a = WHICH, CLASS_WORDS[y]
         elif k == 1:
-            w = y if torch.rand(1, generator=g).item() < 0.5 else (y + int(torch.randint(1, 10, (1,), generator=g))) % 10
-            out.append((is_a(CLASS_WORDS[w]), "yes" if w == y else "no"))
+            w = y if torch.rand(1, generator=g).item() < 0.5 else int(setup.wrong_word[i])
+            q, a = is_a(CLASS_WORDS[w]), "yes" if w == y else "no"
         else:
-            out.append((EVEN, "yes" if y % 2 == 0 else "no"))
+            q, a = EVEN, "yes" if y % 2 == 0 else "no"
+        out.append((q, a, q))
     return out
+
+
+def qa_test(setup: Setup) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Every held-out image under each of the 3 question types (is-it-a true for even positions)."""
+    items = []
+    for kind in range(3):
+        for j, i in enumerate(setup.test.tolist()):
+            y = int(setup.labels[i])
+            if kind == 0:
+                items.append((WHICH, CLASS_WORDS[y]))
+            elif kind == 1:
+                w = y if j % 2 == 0 else int(setup.wrong_word[i])
+                items.append((is_a(CLASS_WORDS[w]), "yes" if w == y else "no"))
+            else:
+                items.append((EVEN, "yes" if y % 2 == 0 else "no"))
+    return torch.cat([setup.test] * 3), items
 
 
 def new_model(in_channels: int, hidden: int, seed: int) -> LlavaModel:
@@ -96,15 +180,16 @@ def tokens(model: LlavaModel, maps: torch.Tensor) -> torch.Tensor:
     return model.encoder.projector(maps.float().flatten(2).transpose(1, 2))
 
 
-def train(model: LlavaModel, visual, samples, steps: int, batch: int, lr: float, seed: int) -> float:
+def train(model: LlavaModel, visual, samples, pool: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> float:
     """visual(idx, prompts) -> maps; samples(idx, g) -> [(question, answer, prompt)]. Returns the last loss."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1),
+                                                pct_start=min(0.5, max(0.05, 3 / max(steps, 1))))
     model.train()
-    loss = torch.tensor(0.0)
+    loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        idx = torch.randint(0, HELD, (batch,), generator=g)
+        idx = pool[torch.randint(0, len(pool), (batch,), generator=g)]
         items = samples(idx, g)
         convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}] for q, a, _ in items]
         loss = model(None, convs, image_tokens=tokens(model, visual(idx, [p for *_, p in items])))
@@ -112,7 +197,7 @@ def train(model: LlavaModel, visual, samples, steps: int, batch: int, lr: float,
         loss.backward()
         opt.step()
         sched.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -123,108 +208,7 @@ def answer(model: LlavaModel, visual, idx: torch.Tensor, questions: list[str], p
                           max_new_tokens=max_new_tokens)
 
 
-HELD = 1500
-
-
-def run(n_train_steps: int = 1500, batch: int = 64, hidden: int = 64, lr: float = 3e-3, heldout: int | None = None,
-        seed: int = 0, log=print) -> dict:
-    t0 = time.time()
-    tr_img, tr_lab = load("train")
-    te_img, te_lab = load("heldout")
-    if heldout:
-        te_img, te_lab = te_img[:heldout], te_lab[:heldout]
-    images, labels = torch.cat([tr_img, te_img]), torch.cat([tr_lab, te_lab])
-    n_te = len(te_lab)
-    te = torch.arange(HELD, HELD + n_te)
-    tower = DiffusionTower("digits", layer=MUSTAFAR_TAP, timestep=50, image_size=None, pool=2)
-    feats = extract(tower, images, seed=seed)  # (P, N, C, 4, 4)
-    pix = PixelPatchTower(8)(images)  # (N, 192, 4, 4)
-    log(f"features {tuple(feats.shape)} in {time.time() - t0:.0f} s")
-    pid = {p: i for i, p in enumerate(PROMPTS)}
-    res: dict = {"setup": {"train_steps": n_train_steps, "batch": batch, "hidden": hidden, "lr": lr, "heldout": n_te,
-                           "tap": MUSTAFAR_TAP, "timestep": 50, "tokens": 16}}
-
-    # ---------------- QA: (a) no prompt, (b) question prompt s=1 / s=4, (c) pixels
-    test_qa = [item for k in range(3) for item in _all_types(te, labels, seed, k)]  # every type for every image
-    variants = {
-        "a_diffusion_no_prompt": lambda idx, ps: guided(feats, torch.zeros_like(idx), idx, 1.0),
-        "b_question_prompt_s1": lambda idx, ps: guided(feats, torch.tensor([pid[p] for p in ps]), idx, 1.0),
-        "b_question_prompt_s4": lambda idx, ps: guided(feats, torch.tensor([pid[p] for p in ps]), idx, 4.0),
-        "c_pixel_patches": lambda idx, ps: pix[idx],
-    }
-    res["qa"] = {}
-    for name, visual in variants.items():
-        t1 = time.time()
-        model = new_model(pix.shape[1] if name.startswith("c") else feats.shape[2], hidden, seed)
-        loss = train(model, visual, lambda idx, g_: [(q, a, q) for q, a in qa(idx, labels, g_)],
-                     n_train_steps, batch, lr, seed)
-        idx = torch.cat([te] * 3)
-        qs = [q for q, _ in test_qa]
-        got = answer(model, visual, idx, qs, qs)
-        acc = _per_type(got, test_qa, n_te)
-        res["qa"][name] = {"final_train_loss": round(loss, 4), **acc, "seconds": round(time.time() - t1, 1)}
-        log(f"{name}: {res['qa'][name]}")
-
-    # ---------------- leakage: captioning with mismatched captions
-    cap = [caption(int(y)) for y in labels]
-    wrong = mismatched(labels, 10, seed=seed)
-    cap_id = {caption(i): pid[caption(i)] for i in range(10)}
-    res["leakage"] = {}
-    mitigations = {"caption_prompt": 0.0, "caption_dropout_0.5": 0.5, "no_prompt_pretraining": 1.0}
-    for name, drop in mitigations.items():
-        t1 = time.time()
-        model = new_model(feats.shape[2], hidden, seed)
-
-        def samples(idx, g_, drop=drop):
-            keep = torch.rand(len(idx), generator=g_) >= drop
-            return [(DESCRIBE, cap[i], cap[i] if k else "") for i, k in zip(idx.tolist(), keep.tolist(), strict=True)]
-
-        def visual(idx, ps):
-            return guided(feats, torch.tensor([cap_id.get(p, 0) for p in ps]), idx, 1.0)
-
-        train(model, visual, samples, n_train_steps // 2, batch, lr, seed)
-        prompts_wrong = [caption(int(w)) for w in wrong[te]]
-        out_wrong = answer(model, visual, te, [DESCRIBE] * n_te, prompts_wrong, max_new_tokens=8)
-        out_none = answer(model, visual, te, [DESCRIBE] * n_te, [""] * n_te, max_new_tokens=8)
-        true = [cap[i] for i in te.tolist()]
-        res["leakage"][name] = {
-            "mismatched_prompt": repetition_rates(out_wrong, prompts_wrong, true),
-            "no_prompt": repetition_rates(out_none, prompts_wrong, true),
-            "seconds": round(time.time() - t1, 1),
-        }
-        log(f"leakage {name}: {res['leakage'][name]}")
-
-    # ---------------- linear probe: which caption conditioned the tokens?
-    gp = torch.Generator().manual_seed(seed + 2)
-    rand_cap = torch.randint(0, 10, (len(labels),), generator=gp)
-    p_idx = torch.tensor([pid[caption(int(c))] for c in rand_cap])
-    tr = torch.arange(HELD)
-    res["probe"] = {}
-    for s in (0.0, 1.0, 4.0):
-        f = guided(feats, p_idx, torch.arange(len(labels)), s)
-        res["probe"][f"s={s:g}"] = prompt_probe(f[tr], rand_cap[tr], f[te], rand_cap[te])
-    log(f"probe: {res['probe']}")
-    res["seconds"] = round(time.time() - t0, 1)
-    return res
-
-
-def _all_types(te: torch.Tensor, labels: torch.Tensor, seed: int, kind: int) -> list[tuple[str, str]]:
-    """Held-out questions of one type, fixed: which / is-it-a (true digit for even positions) / even."""
-    g = torch.Generator().manual_seed(seed + 10)
-    out = []
-    for j, i in enumerate(te.tolist()):
-        y = int(labels[i])
-        if kind == 0:
-            out.append((WHICH, CLASS_WORDS[y]))
-        elif kind == 1:
-            w = y if j % 2 == 0 else (y + int(torch.randint(1, 10, (1,), generator=g))) % 10
-            out.append((is_a(CLASS_WORDS[w]), "yes" if w == y else "no"))
-        else:
-            out.append((EVEN, "yes" if y % 2 == 0 else "no"))
-    return out
-
-
-def _per_type(got: list[str], items: list[tuple[str, str]], n: int) -> dict[str, float]:
+def per_type(got: list[str], items: list[tuple[str, str]], n: int) -> dict[str, float]:
     hit = [g.split(" ")[0] == a if g else False for g, (_, a) in zip(got, items, strict=True)]
     names = ("which_digit", "is_it_a", "is_even")
     acc = {names[k]: round(sum(hit[k * n : (k + 1) * n]) / n, 4) for k in range(3)}
@@ -232,17 +216,134 @@ def _per_type(got: list[str], items: list[tuple[str, str]], n: int) -> dict[str,
     return acc
 
 
+def run_qa(setup: Setup, feats: Features, pix: torch.Tensor, arms, steps, batch, hidden, lr, seed, log) -> dict:
+    test_idx, test_items = qa_test(setup)
+    qs = [q for q, _ in test_items]
+    visuals = {
+        "a_diffusion_no_prompt": lambda idx, ps: feats.guided(idx, ps, 0.0),
+        "b_question_prompt_s1": lambda idx, ps: feats.guided(idx, ps, 1.0),
+        "b_question_prompt_s4": lambda idx, ps: feats.guided(idx, ps, 4.0),
+        "c_pixel_patches": lambda idx, ps: pix[idx],
+    }
+    out = {}
+    for name in arms:
+        t1, visual = time.time(), visuals[name]
+        model = new_model(pix.shape[1] if name.startswith("c") else feats.table.shape[1], hidden, seed)
+        loss = train(model, visual, lambda idx, g: qa_sample(setup, idx, g), setup.train, steps, batch, lr, seed)
+        got = answer(model, visual, test_idx, qs, qs)
+        out[name] = {"final_train_loss": round(loss, 4), **per_type(got, test_items, len(setup.test)),
+                     "seconds": round(time.time() - t1, 1)}
+        log(f"{name}: {out[name]}")
+    return out
+
+
+def run_leakage(setup: Setup, feats: Features, steps, batch, hidden, lr, seed, log) -> dict:
+    cap = [caption(int(y)) for y in setup.labels]
+    te = setup.test
+    out = {}
+    for name, drop in MITIGATIONS.items():
+        t1 = time.time()
+        model = new_model(feats.table.shape[1], hidden, seed)
+
+        def samples(idx, g, drop=drop):
+            keep = torch.rand(len(idx), generator=g) >= drop
+            return [(DESCRIBE, cap[i], cap[i] if k else "") for i, k in zip(idx.tolist(), keep.tolist(), strict=True)]
+
+        def visual(idx, ps):
+            return feats.guided(idx, ps, 1.0)
+
+        train(model, visual, samples, setup.train, steps, batch, lr, seed)
+        wrong = [caption(int(w)) for w in setup.wrong_caption[te]]
+        true = [cap[i] for i in te.tolist()]
+        out_wrong = answer(model, visual, te, [DESCRIBE] * len(te), wrong, max_new_tokens=8)
+        out_none = answer(model, visual, te, [DESCRIBE] * len(te), [""] * len(te), max_new_tokens=8)
+        out[name] = {"mismatched_prompt": repetition_rates(out_wrong, wrong, true),
+                     "no_prompt": repetition_rates(out_none, wrong, true), "seconds": round(time.time() - t1, 1)}
+        log(f"leakage {name}: {out[name]}")
+    return out
+
+
+def run_digit_probe(setup: Setup, feats: Features, pix: torch.Tensor) -> dict:
+    """What each arm's tokens carry, without the LM: a linear probe of the digit (train -> held-out images)
+    on the pooled tokens of (a) f(""), (b) f("which digit is this ?") at s = 1 and 4, (c) pixel patches."""
+    idx = torch.arange(len(setup.labels))
+    which = [WHICH] * len(idx)
+    maps = {"a_diffusion_no_prompt": feats.guided(idx, which, 0.0),
+            "b_question_prompt_s1": feats.guided(idx, which, 1.0),
+            "b_question_prompt_s4": feats.guided(idx, which, 4.0), "c_pixel_patches": pix}
+    y, tr, te = setup.labels, setup.train, setup.test
+    return {k: prompt_probe(m[tr], y[tr], m[te], y[te]) for k, m in maps.items()}
+
+
+def run_probe(setup: Setup, feats: Features, scales=(0.0, 1.0, 4.0)) -> dict:
+    """Linear probe: which caption conditioned the tokens (train images -> held-out images)."""
+    n = len(setup.labels)
+    idx = torch.arange(n)
+    ps = [caption(int(c)) for c in setup.probe_caption]
+    y = setup.probe_caption
+    out = {}
+    for s in scales:
+        f = feats.guided(idx, ps, s)
+        out[f"s={s:g}"] = prompt_probe(f[setup.train], y[setup.train], f[setup.test], y[setup.test])
+    return out
+
+
+def run(model: str = "digits", tap: str = MUSTAFAR_TAP, timestep: int = 50, n_train: int = 600,
+        heldout: int | None = None, steps: int = 1500, batch: int = 64, hidden: int = 64, lr: float = 3e-3,
+        seed: int = 0, cache: Path | None = None, arms=ARMS, leakage: bool = True, leakage_lm: bool = True,
+        log=print) -> dict:
+    t0 = time.time()
+    setup = Setup(n_train, heldout, seed, captions=leakage)
+    feats = Features(setup, model, tap, timestep, seed, cache, log=log)
+    pix = PixelPatchTower(8)(setup.images)  # (N, 192, 4, 4)
+    t_feat = time.time() - t0
+    res: dict = {"setup": {"model": model, "tap": tap, "timestep": timestep, "n_train": len(setup.train),
+                           "heldout": len(setup.test), "train_steps": steps, "leakage_steps": steps // 2,
+                           "batch": batch, "hidden": hidden, "lr": lr, "seed": seed, "tokens": 16,
+                           "unet_inputs": feats.calls, "cache_hits": feats.hits, "feature_seconds": round(t_feat, 1)},
+                 "chance": {"which_digit": 0.1, "is_it_a": 0.5,
+                            "is_even": round(max(float((setup.labels[setup.test] % 2 == 0).float().mean()),
+                                                 float((setup.labels[setup.test] % 2 == 1).float().mean())), 4)}}
+    res["digit_probe"] = run_digit_probe(setup, feats, pix)
+    log(f"digit probe: {res['digit_probe']}")
+    res["qa"] = run_qa(setup, feats, pix, arms, steps, batch, hidden, lr, seed, log)
+    if leakage:
+        if leakage_lm:
+            res["leakage"] = run_leakage(setup, feats, steps // 2, batch, hidden, lr, seed, log)
+        res["probe"] = run_probe(setup, feats)
+        log(f"probe: {res['probe']}")
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="digits", help="backbone preset or diffusers folder (default: bundled digits)")
+    ap.add_argument("--tap", default=MUSTAFAR_TAP, help="UNet module whose output are the tokens")
+    ap.add_argument("--timestep", type=int, default=50)
+    ap.add_argument("--n-train", type=int, default=600, help="training digits drawn (seeded) from 0-1499")
+    ap.add_argument("--heldout", type=int, default=None, help="use only the first N held-out digits (default all 297)")
     ap.add_argument("--steps", type=int, default=1500, help="training steps per QA model (leakage models: half)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=None, help="feature cache folder (reruns skip the UNet)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated QA arms to train ('none': only the features and the digit probe)")
+    ap.add_argument("--no-leakage", action="store_true", help="skip the leakage runs and the probe")
+    ap.add_argument("--no-leakage-lm", action="store_true",
+                    help="skip the captioning (LM) leakage runs, keep the linear prompt probe")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest for this tiny LM on a shared CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    res = run(args.steps, args.batch, args.hidden, args.lr, seed=args.seed)
+    torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a and a != "none"]
+    bad = sorted(set(arms) - set(ARMS))
+    if bad:
+        ap.error(f"unknown --arms {bad}; choose from {list(ARMS)}")
+    res = run(args.model, args.tap, args.timestep, args.n_train, args.heldout, args.steps, args.batch, args.hidden,
+              args.lr, args.seed, args.cache, arms, not args.no_leakage, not args.no_leakage_lm)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

@@ -117,3 +117,32 @@ def test_predict_writes_overlays_and_rle_json(tmp_path: Path) -> None:
     assert masks.shape == (10, 24, 40)
     scores = [r["score"] for r in rec["instances"]]
     assert all(0 <= s <= 1 for s in scores) and np.all(np.isfinite(scores))
+
+
+def test_feature_cache_gives_the_same_loss_and_skips_the_backbone(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 2, 32, 32)
+    masks[0, 0, 4:14, 4:14], masks[0, 1, 18:30, 10:20], masks[1, 0, 8:24, 8:24], masks[1, 1, 2:6, 20:30] = 1, 1, 1, 1
+    batch = {"image": torch.rand(2, 3, 32, 32, generator=g), "labels": [torch.tensor([0, 1]), torch.tensor([1, 0])],
+             "masks": list(masks)}
+    plain, cached = _task(["crab", "owl"]), _task(["crab", "owl"], feature_cache=str(tmp_path / "fc"))
+    calls = []
+    cached.backbone.register_forward_hook(lambda *a: calls.append(1))
+
+    def loss(task):
+        torch.manual_seed(1)  # the point-sampled mask loss draws random points
+        return task.criterion(task(batch["image"], task.class_names), task.targets(batch))[0]
+
+    ref = loss(plain)
+    first, second = loss(cached), loss(cached)
+    assert len(calls) == 1  # the second step read both images' features from disk
+    assert torch.allclose(first, ref, rtol=1e-6) and torch.allclose(second, ref, rtol=1e-6)
+    cache = cached.backbone_feature_cache()
+    assert cache.hits == 2 and len(list(cache.folder.glob("*.safetensors"))) == 2
+    flipped = {**batch, "image": batch["image"].flip(-1)}
+    cached(flipped["image"])  # an augmented image is a new entry, not a stale hit
+    assert len(calls) == 2 and len(list(cache.folder.glob("*.safetensors"))) == 4
+    plain.feature_cache = str(tmp_path / "fc2")
+    plain.backbone.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        plain(batch["image"])

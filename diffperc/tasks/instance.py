@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import viz
 from .._io import write_text_atomic
+from ..feature_cache import FeatureCache, tensor_key
 from ..heads.instance import OVCISHead
 from ..heads.mask2former import SetCriterion
 from ..metrics_instance import InstanceAP, encode_masks
@@ -111,6 +112,11 @@ class InstanceSegTask(DenseTask):
             :class:`~diffperc.heads.mask2former.SetCriterion` (Mask2Former: 2, 5, 5, 0.1, 12544, 3, 0.75).
         max_instances, score_threshold: inference (top 100, no threshold for AP).
         overlay_threshold: instances drawn by ``predict``.
+        feature_cache: a folder for an on-disk cache of the frozen backbone's features
+            (:class:`~diffperc.feature_cache.FeatureCache`): each distinct input image (keyed by a hash
+            of its padded pixels, so a flipped copy is its own entry) runs the backbone once, later
+            epochs and runs read the features back. None (default) computes them every time. Needs a
+            frozen backbone; with ``add_noise=True`` the first noise draw is the one kept.
         optimizer, lr_schedule, poly_power, warmup_steps, output_dir: see :class:`DenseTask`
             (Mask2Former: AdamW 1e-4, weight decay 0.05, poly 0.9).
     """
@@ -128,6 +134,7 @@ class InstanceSegTask(DenseTask):
         oversample: float = 3.0, importance: float = 0.75, max_instances: int = 100, score_threshold: float = 0.0,
         overlay_threshold: float = 0.5, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: str = "poly",
         poly_power: float = 0.9, warmup_steps: int = 0, output_dir: str | None = None,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, optimizer, 0.1, lr_schedule, warmup_steps, 1e-6, poly_power,
                          0.0, 0.48, output_dir, "plain")
@@ -149,6 +156,8 @@ class InstanceSegTask(DenseTask):
         self._text_cache: dict[tuple[str, ...], Tensor] = {}
         self.metrics: InstanceAP | None = None
         self.results: dict[str, float] = {}
+        self.feature_cache = feature_cache
+        self._cache: FeatureCache | None = None
 
     # ------------------------------------------------------------------ classes as text
     def setup(self, stage: str) -> None:
@@ -180,10 +189,39 @@ class InstanceSegTask(DenseTask):
 
     # ------------------------------------------------------------------ forward
     def features(self, images: Tensor) -> list[Tensor]:
-        """Frozen backbone maps of images padded to the backbone's size multiple (grey)."""
+        """Frozen backbone maps of images padded to the backbone's size multiple (grey): one (B, C_i, h_i, w_i)
+        per tap, read from ``feature_cache`` where the same padded image was seen before."""
         padded = pad_images(images, self.backbone.size_multiple)
+        if self.feature_cache is None:
+            return self._backbone_features(padded)
+        cache = self.backbone_feature_cache()
+        n = len(self.backbone.feature_info)
+
+        def compute(pos: list[int]) -> list[dict[str, Tensor]]:
+            feats = self._backbone_features(padded[pos])
+            return [{f"f{j}": f[k] for j, f in enumerate(feats)} for k in range(len(pos))]
+
+        items = cache.get_or_compute([tensor_key(x) for x in padded], compute)
+        return [torch.stack([it[f"f{j}"] for it in items]).to(images.device) for j in range(n)]
+
+    def _backbone_features(self, padded: Tensor) -> list[Tensor]:
         with torch.no_grad():
             return [f.float() for f in self.backbone(padded).features]
+
+    def backbone_feature_cache(self) -> FeatureCache:
+        """The :class:`FeatureCache` of this backbone setting under ``feature_cache``."""
+        if self._cache is None:
+            if any(p.requires_grad for p in self.backbone.parameters()):
+                raise ValueError("feature_cache needs a frozen backbone (its features must not change in training); "
+                                 "drop feature_cache or freeze the backbone")
+            params = list(self.backbone.parameters())
+            probe = torch.cat([p.detach().flatten()[:256].float().cpu() for p in params[:4] + params[-4:]])
+            setting = {"backbone": str(self.hparams.get("backbone")),
+                       "backbone_kwargs": self.hparams.get("backbone_kwargs") or self.DEFAULT_BACKBONE_KWARGS,
+                       "class": type(self.backbone).__name__, "weights": tensor_key(probe),
+                       "dtype": str(params[0].dtype) if params else "none"}
+            self._cache = FeatureCache(self.feature_cache, setting, "instance")
+        return self._cache
 
     def forward(self, images: Tensor, class_names: Sequence[str] | None = None) -> dict[str, list[Tensor]]:
         """(B, 3, H, W) in [0, 1] -> per-layer ``class_logits`` (B, Q, K + 1) and ``mask_logits``."""
