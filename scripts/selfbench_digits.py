@@ -1,6 +1,6 @@
 """Toy-scale check of Self-Bench's domain-gap finding on the bundled digits model (issue 14, item 6).
 
-Jin et al. (NeurIPS 2025 D&B) find diffusion classifiers discriminate best on images the model
+Jeong et al. (NeurIPS 2025 D&B) find diffusion classifiers discriminate best on images the model
 generated itself (Self-Bench) and worse across a domain gap, and that learned timestep weights
 recover part of it. Here: the bundled digits model generates its own Self-Bench (one prompt per
 digit, its training caption, CFG 9.0 as released, seeded, cached), the same classifier (10 captions,

@@ -1,6 +1,6 @@
 """Compositional image-text benchmarks in their released on-disk formats, as (images, captions, label) items.
 
-The loaders follow ``datasets_loading.py`` and ``aro/dataset_zoo`` of Jin et al.'s released code
+The loaders follow ``datasets_loading.py`` and ``aro/dataset_zoo`` of Jeong et al.'s released code
 (eugene6923/Diffusion-Classifiers-Compositionality, NeurIPS 2025 D&B). Every benchmark becomes a
 list of :class:`CompositionalItem`:
 

@@ -1,6 +1,6 @@
 """Compositional image-text discrimination with a diffusion classifier, as a Lightning test loop.
 
-Jin et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply", NeurIPS 2025
+Jeong et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply", NeurIPS 2025
 D&B, arXiv 2505.17955 (eugene6923/Diffusion-Classifiers-Compositionality). The scoring is
 :mod:`diffperc.zeroshot.compositional` (SD UNets) and :mod:`diffperc.zeroshot.flow` (SD3); the
 benchmarks are :mod:`diffperc.data.compositional`:

@@ -1,6 +1,6 @@
 """Compositional image-text discrimination with diffusion classifiers: per-timestep errors, metrics, tables.
 
-Jin et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply", NeurIPS 2025
+Jeong et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply", NeurIPS 2025
 D&B (eugene6923/Diffusion-Classifiers-Compositionality, building on McGill-NLP/diffusion-itm).
 For every item (:mod:`diffperc.data.compositional`) the error of each (caption, image) pair is kept
 **per timestep** in an :class:`ErrorBank` (the released ``score_results/*_scores.pt``

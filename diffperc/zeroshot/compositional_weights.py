@@ -1,6 +1,6 @@
 """Learned timestep weights for diffusion classifiers, fitted on saved per-timestep errors.
 
-Jin et al. (NeurIPS 2025 D&B), ``analysis_cfg/learn_timestep_weights.py`` of the released code:
+Jeong et al. (NeurIPS 2025 D&B), ``analysis_cfg/learn_timestep_weights.py`` of the released code:
 a caption's score is the weighted mean over timesteps of its error, sum_t w_t e_t / S; the
 weights (one per timestep, or a polynomial in the normalised timestep) are fitted with Adam
 (lr 0.01 as released) on the cross-entropy of softmax(-score) against the correct candidate,

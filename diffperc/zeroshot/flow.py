@@ -1,6 +1,6 @@
 """Diffusion-classifier scoring for rectified-flow models (SD3, FLUX-style MMDiT + flow matching).
 
-Jin et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply",
+Jeong et al., "Diffusion Classifiers Understand Compositionality, but Conditions Apply",
 NeurIPS 2025 D&B (origin repo eugene6923/Diffusion-Classifiers-Compositionality; the SD3 path
 is ``diffusers/src/diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3_img2img.py``
 of its bundled diffusers copy). For an image latent x0, a caption c and a pair (t, eps):
