@@ -145,3 +145,27 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     code, _, err = _run(["index", "build", "--images", str(tmp_path / "refs"), "--out", str(tmp_path / "i"),
                          "--model", "no_such_model"])
     assert code == 1 and "no_such_model" in err
+
+
+def test_close_waits_for_a_background_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot thread started by an add must finish before close() closes SQLite (it used to write to a
+    closed database: sqlite3.ProgrammingError in the index-snapshot thread)."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    index = OriginIndex.create(tmp_path / "idx", 16)
+    index.snapshot_every = 1
+    slow = index.snapshot
+
+    def snapshot_slowly() -> Path | None:
+        time.sleep(0.3)  # close() is called while this runs
+        return slow()
+
+    monkeypatch.setattr(index, "snapshot", snapshot_slowly)
+    index.add(_unit(5), [f"r{i}" for i in range(5)])
+    assert index._snap_thread is not None and index._snap_thread.is_alive()
+    index.close()
+    assert not index._snap_thread.is_alive() and errors == []
+    assert OriginIndex.open(tmp_path / "idx").count() == 5

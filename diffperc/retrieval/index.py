@@ -82,6 +82,8 @@ class OriginIndex:
         self.index: Any = None
         self._applied_seq = 0
         self._snapshot_seq = 0
+        self._snap_thread: threading.Thread | None = None  # the background snapshot, joined by close()
+        self._closed = False
         self.snapshot_error: str | None = None  # why the last snapshot failed (None: it did not)
 
     # ------------------------------------------------------------------ construction
@@ -393,8 +395,10 @@ class OriginIndex:
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
-        if self._applied_seq - self._snapshot_seq >= self.snapshot_every and not self._snap_lock.locked():
-            threading.Thread(target=self._try_snapshot, name="index-snapshot", daemon=True).start()
+        if (not self._closed and self._applied_seq - self._snapshot_seq >= self.snapshot_every
+                and not self._snap_lock.locked()):
+            self._snap_thread = threading.Thread(target=self._try_snapshot, name="index-snapshot", daemon=True)
+            self._snap_thread.start()
 
     def _try_snapshot(self) -> Path | None:
         """:meth:`snapshot`, but a failed write (a full disk) is logged, not raised: the operation log in
@@ -426,7 +430,13 @@ class OriginIndex:
             return path
 
     def close(self, snapshot: bool = True) -> None:
-        """Snapshot pending operations (unless ``snapshot=False``) and close SQLite."""
+        """Snapshot pending operations (unless ``snapshot=False``) and close SQLite.
+
+        A background snapshot still running is waited for first, so it never writes to a closed database."""
+        self._closed = True
+        thread = self._snap_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         if snapshot and self.index is not None:
             self._try_snapshot()
         with self._db_lock:
