@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._taps import StopForward, first_tensor
+from ._taps import StopForward, first_tensor, split_tap
 from .attention import AttentionStore
 
 __all__ = ["JointAttentionCapture", "StreamTaps", "split_stream_tap"]
@@ -98,11 +98,7 @@ class StreamTaps:
 
 def split_stream_tap(name: str) -> tuple[str, str]:
     """``"a.b:context"`` -> ("a.b", "context"); no suffix means the image-stream output."""
-    path, _, kind = name.partition(":")
-    kind = kind or "output"
-    if kind not in _KINDS:
-        raise ValueError(f"tap {name!r}: the part after ':' must be one of {list(_KINDS)}, got {kind!r}")
-    return path, kind
+    return split_tap(name, _KINDS)
 
 
 class JointAttentionCapture:

@@ -206,22 +206,28 @@ def _load_single_file(path: Path, torch_dtype: torch.dtype, config: str | Path |
     return {k: getattr(pipe, k) for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")}
 
 
-def save_components(folder: str | Path, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module,
+def save_components(folder: str | Path, vae: nn.Module, unet: nn.Module | None, text_encoder: nn.Module,
                     tokenizer: Any, scheduler: Any, pipeline: str = "StableDiffusionPipeline", **extra: Any) -> None:
     """Write a diffusers folder atomically (a temp folder beside the target, then rename).
 
-    ``extra``: further components (SDXL: ``text_encoder_2``, ``tokenizer_2``); model_index.json
-    names ``pipeline`` and each component's library and class.
+    ``extra``: further components (SDXL: ``text_encoder_2``, ``tokenizer_2``; SD3 / FLUX: ``transformer``
+    with ``unet=None``, and a dropped component as None); model_index.json names ``pipeline`` and each
+    component's library and class.
     """
     import json
 
     parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
              **extra}
+    if unet is None:  # transformer families
+        del parts["unet"]
     index: dict[str, Any] = {"_class_name": pipeline}
     if pipeline == "StableDiffusionPipeline":
         index |= {"feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None]}
     with atomic_dir(Path(folder).expanduser().resolve()) as tmp:
         for name, part in sorted(parts.items()):
+            if part is None:  # a dropped component (SD3 without T5)
+                index[name] = [None, None]
+                continue
             if isinstance(part, nn.Module):
                 part.save_pretrained(tmp / name, safe_serialization=True)
             else:

@@ -38,12 +38,12 @@ def first_tensor(value: Any) -> Tensor:
     return value
 
 
-def split_tap(name: str) -> tuple[str, str]:
-    """``"a.b:input"`` -> ("a.b", "input"); ``"a.b"`` -> ("a.b", "output")."""
+def split_tap(name: str, kinds: tuple[str, ...] = _KINDS) -> tuple[str, str]:
+    """``"a.b:input"`` -> ("a.b", "input"); ``"a.b"`` -> ("a.b", "output"); ``kinds``: the valid suffixes."""
     path, _, kind = name.partition(":")
     kind = kind or "output"
-    if kind not in _KINDS:
-        raise ValueError(f"tap {name!r}: the part after ':' must be one of {list(_KINDS)}, got {kind!r}")
+    if kind not in kinds:
+        raise ValueError(f"tap {name!r}: the part after ':' must be one of {list(kinds)}, got {kind!r}")
     return path, kind
 
 

@@ -29,7 +29,6 @@ model forward is copied: diffusers runs its own.
 from __future__ import annotations
 
 import difflib
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -269,22 +268,12 @@ class DiTBackbone(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a diffusers folder (model_index.json names ``pipeline_class``) atomically."""
-        from .._io import atomic_dir
+        from ._loading import save_components
 
-        parts = {"vae": self.vae, "transformer": self.transformer, "scheduler": self.scheduler}
-        parts |= {k: getattr(self, k) for k in self.text_parts}
-        index: dict[str, Any] = {"_class_name": self.pipeline_class}
-        with atomic_dir(Path(folder).expanduser().resolve()) as tmp:
-            for name, part in sorted(parts.items()):
-                if part is None:
-                    index[name] = [None, None]
-                    continue
-                if isinstance(part, nn.Module):
-                    part.save_pretrained(tmp / name, safe_serialization=True)
-                else:
-                    part.save_pretrained(tmp / name)
-                index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        parts = {"transformer": self.transformer} | {k: getattr(self, k) for k in self.text_parts}
+        text_encoder, tokenizer = parts.pop("text_encoder"), parts.pop("tokenizer")
+        save_components(folder, self.vae, None, text_encoder, tokenizer, self.scheduler,
+                        pipeline=self.pipeline_class, **parts)
 
     # ------------------------------------------------------------------ feature info
     @property
