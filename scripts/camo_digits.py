@@ -95,8 +95,8 @@ def camo_scenes(num: int, split: str, contrast: float, seed: int = 0, canvas: in
 
 
 # ---------------------------------------------------------------------------- features
-def backbones(source: str) -> Any:
-    bb = load_backbone("digits", layers="vpd", timestep=0, add_noise=False)
+def backbones(source: str, model: str = "digits") -> Any:
+    bb = load_backbone(model, layers="vpd", timestep=0, add_noise=False)
     if source == "random_unet":
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -168,6 +168,8 @@ def evaluate(head: OVCISHead, feats: list[torch.Tensor], targets: list[dict[str,
 # ---------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="digits", help="preset or diffusers folder whose UNet gives the 'digits' and "
+                   "'random_unet' features (default: the bundled digits model)")
     p.add_argument("--contrasts", type=float, nargs="+", default=[0.3, 0.05])
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     p.add_argument("--train", type=int, default=400, help="training scenes")
@@ -194,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     out_dir = Path(args.out)
     canvas = 64
-    models = {s: backbones(s) for s in args.sources if s != "pixels"}
-    ref = models.get("digits") or backbones("digits")
+    models = {s: backbones(s, args.model) for s in args.sources if s != "pixels"}
+    ref = models.get("digits") or backbones("digits", args.model)
     text = class_embeddings(ref.text_encoder, ref.tokenizer, ["digit"], ["a photo of the {}"], 32)
     bg = class_embeddings(ref.text_encoder, ref.tokenizer, ["background"], ["{}"], 32)[0]
     results: dict[str, dict[str, Any]] = {}

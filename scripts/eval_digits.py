@@ -222,7 +222,8 @@ def render_card(model: Path) -> str:
                                                             "unet_steps", "lr", "captions", "tokenizer",
                                                             "beta_schedule", "shift", "vae_steps", "ema")},
                              wall=train.get("wall_minutes", "?"), cpu=train.get("cpu_minutes", "?"),
-                             sps=train.get("s_per_step", "?"), seed=train.get("seed", "?"))]
+                             sps=train.get("s_per_step", "?"), seed=train.get("seed", "?"),
+                             machine_note=" " + train["machine_note"] if train.get("machine_note") else "")]
     out.append("## Measured on the 297 held-out digits (`python scripts/eval_digits.py`)\n")
     out.append(f"- Zero-shot diffusion classifier, naive (the paper's setting: timesteps evenly spaced over [0, T), "
                f"one shared seeded noise each, every class on every pair, prompt \"{CAPTION}\"): "
@@ -278,7 +279,7 @@ and the text encoder jointly, {unet_steps} steps at batch {batch}, AdamW {lr} (w
 cosine, grad clip 1, EMA {ema} (the EMA weights are saved); {beta_schedule} betas; captions:
 {captions} ("a photo of the digit {{word}}"), 10 % empty; tokenizer: {tokenizer}; shift
 augmentation: {shift} px. Training took {wall} min wall ({cpu} CPU-minutes, {sps} s per UNet
-step) on the 2-core machine.
+step) on the 2-core machine.{machine_note}
 
 Use the training caption as the prompt: `diffperc classify` and the digits configs default to
 "a photo of the digit {{}}".
