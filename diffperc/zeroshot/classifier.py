@@ -210,9 +210,9 @@ class DiffusionClassifier:
         timestep_range: ``(lo, hi)``: the default pairs' timesteps are evenly spaced over
             [lo, hi) instead of [0, T). None (default) is the paper's full range. The paper's
             ablation found the full range best for SD; a small model can carry its class
-            information in part of it (the bundled digits model: naive 85.5 % over [700, 1000)
-            against 75.1 % over [0, 1000), see ``benchmarks/bench_classifier.py``), and a
-            narrower range then costs fewer pairs.
+            information in part of it (the bundled model v1 scored 85.5 % naive over [700, 1000)
+            against 75.1 % over [0, 1000); ``benchmarks/bench_classifier.py --ranges`` picks a range on
+            training digits), and a narrower range then costs fewer pairs.
         eliminate: optional successive elimination on top of the rounds' ``keep`` caps: after every
             round but the last, a class whose paired t statistic against the leading class
             (mean over the >= 8 shared pairs of the error difference / its standard error) exceeds
