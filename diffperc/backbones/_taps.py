@@ -13,13 +13,13 @@ inside the compiled forward). During a run the hook of the last tap that runs ra
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["StopForward", "TapRecorder", "Taps", "first_tensor", "split_tap"]
+__all__ = ["StopForward", "TapRecorder", "Taps", "first_tensor", "run_tapped", "split_tap"]
 
 _KINDS = ("output", "input")
 
@@ -103,3 +103,18 @@ class Taps(TapRecorder):
     def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         if self.active:
             self._keep(name, first_tensor(output))
+
+
+def run_tapped(taps: TapRecorder, store: Any, attention: bool, call: Callable[[], Any]
+               ) -> tuple[dict[str, Tensor], dict[int, Tensor]]:
+    """Run ``call()`` (the denoiser forward, after ``taps.start``; the last tap's :class:`StopForward`
+    ends it early), then end the attention ``store`` and the taps' recording.
+    Returns ({tap: tensor}, the store's attention maps when ``attention``, else {})."""
+    try:
+        call()
+    except StopForward:
+        pass
+    finally:
+        store.end()
+        feats = taps.stop()
+    return feats, (store.maps() if attention else {})

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._base import BackboneOutput, DenoiserPlacement, FeatureInfo, FeatureInfoList, ProbedFeatureInfo
 from ._checks import check_images, check_latents, check_prompt_embeds, check_prompts, pad_to_multiple
-from ._taps import StopForward, Taps, split_tap
+from ._taps import StopForward, Taps, run_tapped, split_tap
 from .attention import AttentionStore, cross_attention_names, install_attention_capture
 
 __all__ = ["DiffusionBackbone", "LAYER_PRESETS", "resolve_layers"]
@@ -619,14 +619,7 @@ class DiffusionBackbone(DenoiserPlacement, ProbedFeatureInfo, nn.Module):
         if self.attention:
             self._store.begin(tuple(x.shape[-2:]), self.vae_factor, keep_res)
         self._taps.start(self._stop_after)
-        try:
-            self._denoise(x, t, cond)
-        except StopForward:
-            pass
-        finally:
-            self._store.end()
-            feats = self._taps.stop()
-        maps = self._store.maps() if self.attention else {}
+        feats, maps = run_tapped(self._taps, self._store, self.attention, lambda: self._denoise(x, t, cond))
         out = []
         for name in self._unet_layers:
             f = feats[name]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ._base import BackboneOutput, DenoiserPlacement, FeatureInfo, FeatureInfoList, ProbedFeatureInfo
 from ._checks import check_images, check_latents, check_prompts, pad_to_multiple
 from ._dit_taps import JointAttentionCapture, StreamTaps, split_stream_tap
-from ._taps import StopForward
+from ._taps import run_tapped
 from .attention import AttentionStore
 from .diffusion import DiffusionBackbone
 
@@ -371,14 +371,7 @@ class DiTBackbone(DenoiserPlacement, ProbedFeatureInfo, nn.Module):
         if self.attention:  # tokens are latent pixels of a (h, w) grid at reduction vae_factor * patch
             self._store.begin((h, w), self.vae_factor * self.patch, None)
         self._taps.start(self._stop_after, n_img=h * w)
-        try:
-            self._denoise(x, sigma, cond)
-        except StopForward:
-            pass
-        finally:
-            self._store.end()
-            feats = self._taps.stop()
-        maps = self._store.maps() if self.attention else {}
+        feats, maps = run_tapped(self._taps, self._store, self.attention, lambda: self._denoise(x, sigma, cond))
         out = []
         for name in self._all_taps():
             f = feats[name]
