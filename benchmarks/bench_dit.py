@@ -25,11 +25,10 @@ Early-stopped features equal the full forward's exactly (max |diff| 0) for both.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import torch
+from _timing import time_configs  # benchmarks/_timing.py, beside this script
 
 
 def build(family: str, args: argparse.Namespace):
@@ -125,25 +124,6 @@ def ensemble_runs(make, tr, family: str, args: argparse.Namespace) -> dict:
             bb(latents=lat, prompt_embeds=emb, pooled_prompt_embeds=pooled)
 
     return {"e_ensemble4_batched": partial(run, batched), "e_ensemble4_sequential": partial(run, seq)}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_configs(run: dict, reps: int, device: str) -> dict[str, float]:
-    times = {k: [] for k in run}
-    for fn in run.values():  # warm-up
-        fn()
-    for _ in range(reps):
-        for name, fn in run.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -6,17 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dit_helpers import L_T5, PROMPTS, clean_latents, run_with_taps  # tests/dit_helpers.py
+from dit_helpers import images as _images
+from dit_helpers import rel as _rel
 
 from diffperc import create_backbone
 from diffperc.backbones import DiffusionBackbone, FluxBackbone
 from diffperc.backbones.tiny import tiny_flux_components
-
-PROMPTS = ["a photo of a cat", "two dogs"]
-L_T5 = 16
-
-
-def _images(b: int = 2, h: int = 16, w: int = 24) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(1))
 
 
 def _pipe(parts: dict):
@@ -31,32 +27,17 @@ def _by_hand(parts: dict, images: torch.Tensor, prompts: list[str], taps: list[s
     """FluxPipeline's steps written out with its own helpers: encode_prompt, _pack_latents, image ids, the call."""
     vae, tr, pipe = parts["vae"], parts["transformer"], _pipe(parts)
     embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=L_T5)
-    x0 = (vae.encode(images * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    x0 = clean_latents(vae, images)
     xt = sigma * noise + (1 - sigma) * x0
     b, c, h, w = xt.shape
     tokens = pipe._pack_latents(xt, b, c, h, w)
     img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, xt.dtype)
-    got, hooks = {}, []
-    for name in taps:
-        path, _, kind = name.partition(":")
-        m = tr.get_submodule(path)
-        if kind == "input":
-            hooks.append(m.register_forward_pre_hook(lambda m, a, k, n=name: got.__setitem__(n, k["hidden_states"]),
-                                                     with_kwargs=True))
-        else:  # both block kinds return (encoder_hidden_states, hidden_states)
-            hooks.append(m.register_forward_hook(lambda m, a, o, n=name, c=kind == "context": got.__setitem__(
-                n, o[0] if c else o[1])))
     g = None if guidance is None else torch.full((b,), guidance)
-    tr(hidden_states=tokens, timestep=torch.full((b,), sigma), guidance=g, encoder_hidden_states=embeds,
-       pooled_projections=pooled, txt_ids=text_ids, img_ids=img_ids)
-    for hk in hooks:
-        hk.remove()
+    got = run_with_taps(tr, taps, lambda: tr(
+        hidden_states=tokens, timestep=torch.full((b,), sigma), guidance=g, encoder_hidden_states=embeds,
+        pooled_projections=pooled, txt_ids=text_ids, img_ids=img_ids))
     return {n: v.transpose(1, 2) if n.endswith(":context") else v.transpose(1, 2).reshape(b, -1, h // 2, w // 2)
             for n, v in got.items()}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("guidance", [True, False])

@@ -7,17 +7,13 @@ import math
 
 import pytest
 import torch
+from dit_helpers import L_T5, PROMPTS, clean_latents, run_with_taps  # tests/dit_helpers.py
+from dit_helpers import images as _images
+from dit_helpers import rel as _rel
 
 from diffperc import create_backbone
 from diffperc.backbones import DiffusionBackbone, SD3Backbone
 from diffperc.backbones.tiny import tiny_sd3_components
-
-PROMPTS = ["a photo of a cat", "two dogs"]
-L_T5 = 16
-
-
-def _images(b: int = 2, h: int = 16, w: int = 24) -> torch.Tensor:
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(1))
 
 
 def _pipe(parts: dict):
@@ -33,29 +29,13 @@ def _by_hand(parts: dict, images: torch.Tensor, prompts: list[str], taps: list[s
     vae, tr = parts["vae"], parts["transformer"]
     embeds, _, pooled, _ = _pipe(parts).encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                       do_classifier_free_guidance=False, max_sequence_length=L_T5)
-    x0 = (vae.encode(images * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    x0 = clean_latents(vae, images)
     xt = sigma * noise + (1 - sigma) * x0
-    got, hooks = {}, []
-    for name in taps:
-        path, _, kind = name.partition(":")
-        m = tr.get_submodule(path)
-        if kind == "input":
-            hooks.append(m.register_forward_pre_hook(lambda m, a, k, n=name: got.__setitem__(n, k["hidden_states"]),
-                                                     with_kwargs=True))
-        else:  # JointTransformerBlock returns (encoder_hidden_states, hidden_states)
-            hooks.append(m.register_forward_hook(lambda m, a, o, n=name, c=kind == "context": got.__setitem__(
-                n, o[0] if c else o[1])))
-    tr(hidden_states=xt, timestep=torch.full((len(xt),), sigma * 1000), encoder_hidden_states=embeds,
-       pooled_projections=pooled)
-    for h in hooks:
-        h.remove()
+    got = run_with_taps(tr, taps, lambda: tr(hidden_states=xt, timestep=torch.full((len(xt),), sigma * 1000),
+                                             encoder_hidden_states=embeds, pooled_projections=pooled))
     hw = (images.shape[-2] // 4, images.shape[-1] // 4)
     return {n: v.transpose(1, 2) if n.endswith(":context") else v.transpose(1, 2).reshape(len(v), -1, *hw)
             for n, v in got.items()}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_sd3_features_equal_the_transformer_run_by_hand() -> None:

@@ -1,4 +1,6 @@
-"""Shared backbone types: :class:`FeatureInfo`, :class:`FeatureInfoList`, :class:`BackboneOutput`.
+"""Shared backbone types: :class:`FeatureInfo`, :class:`FeatureInfoList`, :class:`BackboneOutput`,
+:class:`DenoiserPlacement` (``device`` / ``dtype`` read off the denoising network) and
+:class:`ProbedFeatureInfo` (``feature_info`` measured once by a tiny forward).
 
 Every backbone in diffperc (diffusion UNet, DINOv2, SD+DINOv2 fusion) returns a
 :class:`BackboneOutput` and describes its feature maps with a :class:`FeatureInfoList`,
@@ -11,9 +13,43 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["BackboneOutput", "FeatureInfo", "FeatureInfoList"]
+__all__ = ["BackboneOutput", "DenoiserPlacement", "FeatureInfo", "FeatureInfoList", "ProbedFeatureInfo"]
+
+
+class DenoiserPlacement:
+    """``device`` and ``dtype`` properties: those of the first parameter of the denoising network,
+    the submodule named by the class attribute ``_denoiser`` (``"unet"`` or ``"transformer"``).
+
+    Mixed into :class:`~diffperc.backbones.DiffusionBackbone`, :class:`~diffperc.backbones.DiTBackbone`
+    and :class:`~diffperc.zeroshot.flow.FlowMatchingModel`, whose inputs follow that network.
+    """
+
+    _denoiser: str = "unet"
+
+    @property
+    def device(self) -> torch.device:
+        return next(getattr(self, self._denoiser).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(getattr(self, self._denoiser).parameters()).dtype
+
+
+class ProbedFeatureInfo:
+    """A ``feature_info`` property measured once, on first use, by the backbone's ``_probe()`` (a tiny
+    forward that sets ``self._feature_info``); shared by the diffusion UNet and DiT backbones."""
+
+    _feature_info: FeatureInfoList | None = None
+
+    @property
+    def feature_info(self) -> FeatureInfoList:
+        """Name, channels and reduction of each feature map, measured by a tiny forward (see ``_probe``)."""
+        if self._feature_info is None:
+            self._probe()
+        return self._feature_info
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._taps import StopForward, first_tensor, split_tap
+from ._taps import TapRecorder, first_tensor, split_tap
 from .attention import AttentionStore
 
 __all__ = ["JointAttentionCapture", "StreamTaps", "split_stream_tap"]
@@ -28,17 +28,15 @@ def _is_block(module: nn.Module) -> bool:
     return type(module).__name__.endswith("TransformerBlock")
 
 
-class StreamTaps:
+class StreamTaps(TapRecorder):
     """Persistent hooks that read the image or the text stream of DiT modules (see module docstring).
 
     ``n_img`` (set per run) is the number of image tokens, used to cut joint sequences.
     """
 
     def __init__(self, root: nn.Module, names: Sequence[str]) -> None:
-        self.names, self.active, self.stop_after, self.n_img = list(names), False, None, 0
-        self.feats: dict[str, Tensor] = {}
-        self.order: list[str] = []
-        self.handles = []
+        super().__init__(names)
+        self.n_img = 0
         for name in self.names:
             path, kind = split_stream_tap(name)
             m = root.get_submodule(path)
@@ -75,25 +73,10 @@ class StreamTaps:
     def _image(self, x: Tensor) -> Tensor:
         return x[:, -self.n_img :] if x.ndim == 3 and x.shape[1] > self.n_img > 0 else x
 
-    def _keep(self, name: str, x: Tensor) -> None:
-        if name not in self.feats:
-            self.order.append(name)
-        self.feats[name] = x
-        if name == self.stop_after:
-            raise StopForward
-
     def start(self, stop_after: str | None, n_img: int) -> None:
-        self.active, self.stop_after, self.n_img, self.feats, self.order = True, stop_after, n_img, {}, []
-
-    def stop(self) -> dict[str, Tensor]:
-        self.active = False
-        feats, self.feats = self.feats, {}
-        return feats
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        """As :meth:`TapRecorder.start`; ``n_img``: this run's number of image tokens."""
+        self.n_img = n_img
+        super().start(stop_after)
 
 
 def split_stream_tap(name: str) -> tuple[str, str]:

@@ -13,13 +13,13 @@ inside the compiled forward). During a run the hook of the last tap that runs ra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["StopForward", "Taps", "first_tensor", "split_tap"]
+__all__ = ["StopForward", "TapRecorder", "Taps", "first_tensor", "run_tapped", "split_tap"]
 
 _KINDS = ("output", "input")
 
@@ -47,31 +47,18 @@ def split_tap(name: str, kinds: tuple[str, ...] = _KINDS) -> tuple[str, str]:
     return path, kind
 
 
-class Taps:
-    """Persistent hooks on ``root`` for the tap ``names``; inactive until :meth:`start`."""
+class TapRecorder:
+    """What every kind of tap hooks shares: the recording state, :meth:`start` / :meth:`stop`, early
+    stop after ``stop_after`` and :meth:`remove`. Subclasses register the hooks (into ``handles``)
+    and hand each tensor they read to :meth:`_keep`."""
 
-    def __init__(self, root: nn.Module, names: list[str]) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self.active = False
         self.stop_after: str | None = None
         self.feats: dict[str, Tensor] = {}
         self.order: list[str] = []
         self.handles = []
-        for name in self.names:
-            path, kind = split_tap(name)
-            module = root.get_submodule(path)
-            if kind == "input":
-                self.handles.append(module.register_forward_pre_hook(partial(self._pre, name), with_kwargs=True))
-            else:
-                self.handles.append(module.register_forward_hook(partial(self._post, name)))
-
-    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.active:
-            self._keep(name, first_tensor(args if args else kwargs))
-
-    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.active:
-            self._keep(name, first_tensor(output))
 
     def _keep(self, name: str, x: Tensor) -> None:
         if name not in self.feats:
@@ -94,3 +81,40 @@ class Taps:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+class Taps(TapRecorder):
+    """Persistent hooks on ``root`` for the tap ``names``; inactive until :meth:`start`."""
+
+    def __init__(self, root: nn.Module, names: list[str]) -> None:
+        super().__init__(names)
+        for name in self.names:
+            path, kind = split_tap(name)
+            module = root.get_submodule(path)
+            if kind == "input":
+                self.handles.append(module.register_forward_pre_hook(partial(self._pre, name), with_kwargs=True))
+            else:
+                self.handles.append(module.register_forward_hook(partial(self._post, name)))
+
+    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.active:
+            self._keep(name, first_tensor(args if args else kwargs))
+
+    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.active:
+            self._keep(name, first_tensor(output))
+
+
+def run_tapped(taps: TapRecorder, store: Any, attention: bool, call: Callable[[], Any]
+               ) -> tuple[dict[str, Tensor], dict[int, Tensor]]:
+    """Run ``call()`` (the denoiser forward, after ``taps.start``; the last tap's :class:`StopForward`
+    ends it early), then end the attention ``store`` and the taps' recording.
+    Returns ({tap: tensor}, the store's attention maps when ``attention``, else {})."""
+    try:
+        call()
+    except StopForward:
+        pass
+    finally:
+        store.end()
+        feats = taps.stop()
+    return feats, (store.maps() if attention else {})

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
+from ._base import BackboneOutput, DenoiserPlacement, FeatureInfo, FeatureInfoList, ProbedFeatureInfo
 from ._checks import check_images, check_latents, check_prompt_embeds, check_prompts, pad_to_multiple
-from ._taps import StopForward, Taps, split_tap
+from ._taps import StopForward, Taps, run_tapped, split_tap
 from .attention import AttentionStore, cross_attention_names, install_attention_capture
 
 __all__ = ["DiffusionBackbone", "LAYER_PRESETS", "resolve_layers"]
@@ -159,7 +159,7 @@ def resolve_layers(unet: nn.Module, layers: str | Sequence[str], vae: nn.Module 
     return layers
 
 
-class DiffusionBackbone(nn.Module):
+class DiffusionBackbone(DenoiserPlacement, ProbedFeatureInfo, nn.Module):
     """Text-conditioned multi-scale UNet features and cross-attention maps.
 
     Args:
@@ -353,25 +353,11 @@ class DiffusionBackbone(nn.Module):
         self.unet.train(mode and self.trainable)
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     # ------------------------------------------------------------------ feature info
-    @property
-    def feature_info(self) -> FeatureInfoList:
-        """Name, channels and reduction of each feature map, measured by a tiny UNet forward."""
-        if self._feature_info is None:
-            self._probe()
-        return self._feature_info
-
     @torch.no_grad()
     def _probe(self) -> None:
-        """Run the UNet once at its smallest size to learn channels, reductions and run order."""
+        """Run the UNet once at its smallest size to learn channels, reductions and run order
+        (``feature_info``, see :class:`~diffperc.backbones._base.ProbedFeatureInfo`)."""
         side = self.unet_factor
         latents = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.dtype)
         embeds = torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
@@ -633,14 +619,7 @@ class DiffusionBackbone(nn.Module):
         if self.attention:
             self._store.begin(tuple(x.shape[-2:]), self.vae_factor, keep_res)
         self._taps.start(self._stop_after)
-        try:
-            self._denoise(x, t, cond)
-        except StopForward:
-            pass
-        finally:
-            self._store.end()
-            feats = self._taps.stop()
-        maps = self._store.maps() if self.attention else {}
+        feats, maps = run_tapped(self._taps, self._store, self.attention, lambda: self._denoise(x, t, cond))
         out = []
         for name in self._unet_layers:
             f = feats[name]

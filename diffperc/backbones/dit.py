@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import BackboneOutput, FeatureInfo, FeatureInfoList
+from ._base import BackboneOutput, DenoiserPlacement, FeatureInfo, FeatureInfoList, ProbedFeatureInfo
 from ._checks import check_images, check_latents, check_prompts, pad_to_multiple
 from ._dit_taps import JointAttentionCapture, StreamTaps, split_stream_tap
-from ._taps import StopForward
+from ._taps import run_tapped
 from .attention import AttentionStore
 from .diffusion import DiffusionBackbone
 
@@ -49,7 +49,7 @@ __all__ = ["DiTBackbone", "JointAttentionCapture", "StreamTaps"]
 DEFAULT_TIMESTEP = 260  # DiTF's t (eval_spair.sh --t 260); also a mid-low noise level for SD3
 
 
-class DiTBackbone(nn.Module):
+class DiTBackbone(DenoiserPlacement, ProbedFeatureInfo, nn.Module):
     """Base of the DiT backbones; subclasses say how text is encoded and how the transformer is called.
 
     Args:
@@ -72,6 +72,8 @@ class DiTBackbone(nn.Module):
         pad: zero-pad images to ``size_multiple`` (bottom/right) and crop the maps back, instead of raising.
         name_or_path: where the weights came from.
     """
+
+    _denoiser = "transformer"  # DenoiserPlacement: device / dtype are the transformer's
 
     pipeline_class = ""
     family = "dit"
@@ -249,14 +251,6 @@ class DiTBackbone(nn.Module):
         self.transformer.train(mode and self.trainable)
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> DiTBackbone:
         """A diffusers folder or hub id of this family (``DiffusionBackbone.from_pretrained`` does the loading
@@ -276,15 +270,10 @@ class DiTBackbone(nn.Module):
                         pipeline=self.pipeline_class, **parts)
 
     # ------------------------------------------------------------------ feature info
-    @property
-    def feature_info(self) -> FeatureInfoList:
-        """Name, channels, reduction of each map (reduction 0: text tokens (B, C, L)), from a tiny forward."""
-        if self._feature_info is None:
-            self._probe()
-        return self._feature_info
-
     @torch.no_grad()
     def _probe(self) -> None:
+        """One tiny forward: name, channels, reduction of each map (reduction 0: text tokens (B, C, L))
+        for ``feature_info`` (see :class:`~diffperc.backbones._base.ProbedFeatureInfo`)."""
         side = 2 * self.patch
         x = torch.zeros(1, self.latent_channels, side, side, device=self.device, dtype=self.dtype)
         was, self._store.active = self._store.active, False
@@ -382,14 +371,7 @@ class DiTBackbone(nn.Module):
         if self.attention:  # tokens are latent pixels of a (h, w) grid at reduction vae_factor * patch
             self._store.begin((h, w), self.vae_factor * self.patch, None)
         self._taps.start(self._stop_after, n_img=h * w)
-        try:
-            self._denoise(x, sigma, cond)
-        except StopForward:
-            pass
-        finally:
-            self._store.end()
-            feats = self._taps.stop()
-        maps = self._store.maps() if self.attention else {}
+        feats, maps = run_tapped(self._taps, self._store, self.attention, lambda: self._denoise(x, sigma, cond))
         out = []
         for name in self._all_taps():
             f = feats[name]

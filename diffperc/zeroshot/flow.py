@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones._base import DenoiserPlacement
 from .classifier import DiffusionClassifier, evenly_spaced
 
 __all__ = ["FLOW_TIMESTEPS", "FLOW_WEIGHTINGS", "RELEASED_START_SD", "RELEASED_START_SD3", "FlowMatchingClassifier",
@@ -78,7 +79,7 @@ def sd3_weighting(scheme: str, sigmas: Tensor) -> Tensor:
     return torch.ones_like(sigmas, dtype=torch.float32)
 
 
-class FlowMatchingModel(nn.Module):
+class FlowMatchingModel(DenoiserPlacement, nn.Module):
     """The parts of an SD3-style rectified-flow model that scoring and generation need.
 
     The small interface an SD3/FLUX backbone plugs into: :meth:`encode_prompt` (captions ->
@@ -96,6 +97,8 @@ class FlowMatchingModel(nn.Module):
             ``retrieve_latents`` default).
         name_or_path: where it came from (shown in tables and Self-Bench folders).
     """
+
+    _denoiser = "transformer"  # DenoiserPlacement: device / dtype are the transformer's
 
     def __init__(self, transformer: nn.Module, scheduler: Any, vae: nn.Module, text_encoder: nn.Module,
                  tokenizer: Any, text_encoder_2: nn.Module, tokenizer_2: Any, text_encoder_3: nn.Module | None = None,
@@ -159,14 +162,6 @@ class FlowMatchingModel(nn.Module):
     def latent_multiple(self) -> int:
         """Latent sizes must be multiples of this (the patch size)."""
         return int(self.transformer.config.patch_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
 
     @property
     def latent_channels(self) -> int:
