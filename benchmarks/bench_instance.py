@@ -3,6 +3,9 @@
 One step = ``training_step`` (VAE encode, UNet to the last tap, head, loss), backward and an AdamW step, for
   (a) ``vpd_semseg``: VPD's semantic segmentation recipe (UNet fine-tuned at 0.1x lr, cross-attention maps
       of 2 class tokens concatenated at 1/16 and 1/32, Semantic FPN head): the baseline;
+  (a') ``vpd_semseg_frozen``: the same VPD head and taps with the UNet frozen (``trainable: False``): only the
+      head, the text adapter and AdamW's state for them; what fits where (a) does not (a CPU box with under
+      ~16 GB free), and the like-for-like comparison with (b), whose UNet is frozen too;
   (b) ``ovcis``: the OVCIS recipe (frozen UNet at t = 0, MSFF + Mask2Former pixel decoder (6 deformable
       layers) + masked-attention decoder (9 layers, 100 queries) + CIN + TVA, Hungarian matching and
       point-sampled losses on 12544 points, deep supervision), 3 random instances per image;
@@ -29,7 +32,7 @@ import torch
 from _proc import run_settings_in_children, vm_mb  # benchmarks/_proc.py, beside this script
 from bench_train import PRESET, register_preset  # the SD-1.5-shaped random-weight preset
 
-SETTINGS = ("vpd_semseg", "ovcis", "ovcis_cached")
+SETTINGS = ("vpd_semseg", "vpd_semseg_frozen", "ovcis", "ovcis_cached")
 
 
 def _batch(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,10 +50,12 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def build(name: str, cache_dir: str | None = None) -> torch.nn.Module:
-    if name == "vpd_semseg":
+    if name.startswith("vpd_semseg"):
+        from diffperc.tasks._dense import VPD_BACKBONE_ATTENTION
         from diffperc.tasks.semseg import SemSegTask
 
-        return SemSegTask(backbone=PRESET, num_classes=2, class_names=["thing", "background"],
+        kw = {**VPD_BACKBONE_ATTENTION, "trainable": name == "vpd_semseg"}
+        return SemSegTask(backbone=PRESET, backbone_kwargs=kw, num_classes=2, class_names=["thing", "background"],
                           templates=["a photo of a {}."], slide_crop=None)
     from diffperc.tasks.instance import InstanceSegTask
 
@@ -123,7 +128,9 @@ def main() -> None:
     mem = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     print(f"| setting | trainable params | s / step | vs VPD | {mem} | vs VPD | above model MB | vs VPD |")
     print("|---|---|---|---|---|---|---|---|")
-    ref = results.get("vpd_semseg")
+    ref = results.get("vpd_semseg") or results.get("vpd_semseg_frozen")
+    if ref is not None:
+        print(f"(ratios against {ref['setting']})")
     for name, r in results.items():
         rel = {k: f"{r[k] / ref[k]:.2f}x" if ref else "-" for k in ("step_s", "peak_mb", "extra_mb")}
         print(f"| {name} | {r['trainable_params'] / 1e6:.1f}M | {r['step_s']:.2f} | {rel['step_s']} | {r['peak_mb']:.0f} "
