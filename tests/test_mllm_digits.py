@@ -80,3 +80,17 @@ def test_short_run_question_conditioned_tokens_carry_the_digit(tmp_path) -> None
     assert all(0 <= qa[k] <= 1 for k in ("which_digit", "is_it_a", "is_even", "mean"))
     again = mod.run(**kw)  # the UNet does not run again: same features, same numbers
     assert again["setup"]["cache_hits"] == 13 and again["digit_probe"] == probe
+
+
+def test_zscore_is_per_channel_and_commutes_with_guidance() -> None:
+    """Tokens are z-scored per channel on the reference maps; being affine, it commutes with f0 + s (fq - f0)."""
+    mod = _script()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(50, 3, 4, 4, generator=g) * torch.tensor([0.1, 2.0, 30.0]).view(1, 3, 1, 1) + 5.0
+    z = mod.zscore(ref, ref)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5)
+    f0, fq = ref[:10], ref[10:20]
+    guided = f0 + 4.0 * (fq - f0)
+    zf0, zfq = mod.zscore(f0, ref), mod.zscore(fq, ref)
+    assert torch.allclose(zf0 + 4.0 * (zfq - zf0), mod.zscore(guided, ref), atol=1e-4)
