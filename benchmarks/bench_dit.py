@@ -9,16 +9,18 @@ The widths are SD3-medium's (24 heads x 64 = 1536, joint_attention_dim 4096, poo
 channels, patch 2) and FLUX.1's (24 heads x 128 = 3072, joint 4096, pooled 768, 64 packed channels,
 guidance embedding); the depth is cut to ``--sd3-depth`` joint blocks / ``--flux-depth`` double +
 single blocks (the full 24 / 19 + 38 need 2 GB / 48 GB of fp32 weights: use ``--sd3-depth 24
---flux-depth 19 38`` on a GPU). The tap sits at the middle block, so early stop skips about half.
+--flux-depth 19 38`` on a GPU). Early stop skips what follows the tap (at the defaults: SD3's last joint
+block; FLUX's last two single blocks).
 Latents and prompt embeddings are passed directly (no VAE, no text encoders in the timing).
 
     python benchmarks/bench_dit.py                          # CPU defaults (256 px, 128 text tokens)
     python benchmarks/bench_dit.py --device cuda --dtype bfloat16 --size 1024 --text-tokens 333 --sd3-depth 24 --flux-depth 19 38
     python benchmarks/bench_dit.py --tiny                   # seconds: checks the script
 
-Measured once (2026-12-02, the 2-core CPU build machine at load ~10, shared: rough, medians of 3), defaults:
-    sd3   a_full_hook 13.8 s | b_early_stop 0.83x | c_early_stop_attention 0.84x | ensemble 4 batched 0.60x of sequential
-    flux  a_full_hook 57.9 s | b_early_stop 0.64x | c_early_stop_attention 0.41x (noise) | ensemble 4 batched 1.05x
+Measured 2026-12-02 on the 2-core CPU with nothing else running, defaults, two runs (``--reps 3`` /
+``--reps 5``); speed-up = reference time / row time:
+    sd3   a_full_hook 0.65 / 0.70 s | b_early_stop 1.22x / 1.09x | c_early_stop_attention 1.09x / 0.59x | ensemble 4 batched 1.12x / 0.97x vs sequential
+    flux  a_full_hook 2.55 / 2.44 s | b_early_stop 1.27x / 1.31x | c_early_stop_attention 1.17x / 1.28x | ensemble 4 batched 1.07x / 1.06x
 Early-stopped features equal the full forward's exactly (max |diff| 0) for both. No GPU run yet.
 """
 
@@ -143,7 +145,7 @@ def main() -> None:
         args.size, args.text_tokens = min(args.size, 64), min(args.text_tokens, 16)
     print(f"device {args.device}, dtype {str(args.dtype).removeprefix('torch.')}, {args.size} px, "
           f"{args.text_tokens} text tokens, reps {args.reps}{', TINY widths' if args.tiny else ''}")
-    print(f"{'family':<6} {'config':<24} {'s / image':>10} {'vs a':>7}")
+    print(f"{'family':<6} {'config':<24} {'s / image':>10} {'time vs ref':>12} {'speed-up':>9}   (ref: a; for batched: sequential)")
     for fam in args.families:
         tr, make = build(fam, args)
         run, check = runners(fam, tr, make, args)
@@ -154,7 +156,7 @@ def main() -> None:
                  else f"{args.flux_depth[0]} double + {args.flux_depth[1]} single blocks")
         for k, v in t.items():
             ref = t["e_ensemble4_sequential"] if k == "e_ensemble4_batched" else base
-            print(f"{fam:<6} {k:<24} {v:>10.3f} {v / ref:>6.2f}x")
+            print(f"{fam:<6} {k:<24} {v:>10.3f} {v / ref:>11.2f}x {ref / v:>8.2f}x")
         print(f"{fam:<6} tap {check['tap']} of {check['blocks']} ({depth}); early-stop features vs full forward: "
               f"max |diff| {check['max_abs_diff']:.2e}; batched ensemble ratio is vs sequential")
 
