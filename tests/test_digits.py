@@ -34,3 +34,24 @@ def test_bundled_model_loads_offline_and_runs() -> None:
     out = bb(images[:4], prompts=[digits.caption(int(k)) for k in labels[:4]])
     assert [f.shape[-1] for f in out.features] == [32 // r for r in bb.feature_info.reductions()]
     assert sorted(out.attention) == [4, 8] and out.attention[4].shape == (4, 32, 8, 8)
+
+
+def test_train_script_default_recipe_is_the_bundled_models() -> None:
+    """`python scripts/train_digits.py` with no flags rebuilds the recipe recorded in training.json."""
+    import argparse
+    import dataclasses
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import train_digits as td
+    finally:
+        sys.path.pop(0)
+    parser = argparse.ArgumentParser()
+    td.add_recipe_args(parser)
+    recipe = td.recipe_from_args(parser.parse_args([]))
+    recorded = json.loads((bundled_model_path() / "training.json").read_text())["recipe"]
+    assert dataclasses.asdict(recipe) == recorded
+    assert dataclasses.asdict(td.recipe_from_args(parser.parse_args(["--preset", "v2"])))["shift"] == 0
