@@ -21,6 +21,7 @@ Measured 2026-12-02 on the 2-core CPU with nothing else running, defaults, two r
 ``--reps 5``); speed-up = reference time / row time:
     sd3   a_full_hook 0.65 / 0.70 s | b_early_stop 1.22x / 1.09x | c_early_stop_attention 1.09x / 0.59x | ensemble 4 batched 1.12x / 0.97x vs sequential
     flux  a_full_hook 2.55 / 2.44 s | b_early_stop 1.27x / 1.31x | c_early_stop_attention 1.17x / 1.28x | ensemble 4 batched 1.07x / 1.06x
+    sd3 again, ``--families sd3 --reps 7``: 0.62 s | 1.23x | 1.15x | 1.13x (run 2's capture figure is the outlier)
 Early-stopped features equal the full forward's exactly (max |diff| 0) for both. No GPU run yet.
 """
 

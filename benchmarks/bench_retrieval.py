@@ -217,6 +217,9 @@ def bench_backend(make, label: str, base: np.ndarray, queries: np.ndarray, exact
     index = make()
     for s in range(0, len(base), 10_000):
         index.add(base[s : s + 10_000], [f"r{i}" for i in range(s, min(len(base), s + 10_000))])
+        done = min(len(base), s + 10_000)
+        if done % 100_000 == 0 and done < len(base):  # progress on the long 1M builds
+            print(f" [{done:,} added, {time.perf_counter() - start:.0f} s]", end="", flush=True)
     add_s = time.perf_counter() - start
     index_s, state = _seal_and_index(index)
     build_s = time.perf_counter() - start
