@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_script
 
 pytest.importorskip("pycocotools")
 pytest.importorskip("scipy")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("camo_digits", ROOT / "scripts" / "camo_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("camo_digits")
 
 
 def test_scenes_have_exact_disjoint_masks_and_the_contrast_knob() -> None:

@@ -41,14 +41,10 @@ def test_train_script_default_recipe_is_the_bundled_models() -> None:
     import argparse
     import dataclasses
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        import train_digits as td
-    finally:
-        sys.path.pop(0)
+    from script_helpers import load_script
+
+    td = load_script("train_digits")
     parser = argparse.ArgumentParser()
     td.add_recipe_args(parser)
     recipe = td.recipe_from_args(parser.parse_args([]))

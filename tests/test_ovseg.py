@@ -352,11 +352,9 @@ def test_task_miou_equals_an_independent_count(roots, tmp_path):
 
 # ---------------------------------------------------------------------------- the real check, tiny
 def test_real_check_script_tiny_run(tmp_path):
-    import importlib.util
+    from script_helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("ovseg_digits_check", ROOT / "scripts" / "ovseg_digits_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("ovseg_digits_check")
     out = mod.main(["--n-support", "2", "--scenes", "3", "--val-scenes", "2", "--steps", "2", "--kmeans", "2",
                     "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
     assert set(out["results"]) == {"ovdiff", "ovdiff_no_bg", "ovdiff_ink_masks", "random_unet",
