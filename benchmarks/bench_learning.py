@@ -8,16 +8,16 @@ validation to the last, with the last / first ratio.
     python benchmarks/bench_learning.py                 # 300 steps, validation every 50
     python benchmarks/bench_learning.py --model DIR     # another digits model as the backbone
 
-Measured (shared 2-core CPU, one torch thread, seed 0; 300 steps of batch 16, 64 validation scenes
-with flip TTA; validate 9 s + fit 69 s, 82 s wall in all):
+Measured on the bundled model v2, the batch-64 retrain (2-core CPU shared with one other job, one
+torch thread, seed 0; 300 steps of batch 16, 64 validation scenes with flip TTA; 55 s wall in all):
 
     validation           abs_rel      rmse  rmse_log        d1
     init (validate)       0.2684    0.8549    0.3171    0.4530
-    step 50               0.1548    0.4541    0.1870    0.8190
-    step 100              0.1064    0.3315    0.1400    0.8961
-    step 200              0.0808    0.2887    0.1203    0.9244
-    step 300              0.0767    0.2658    0.1132    0.9318
-    last / init            0.286     0.311     0.357     2.057
+    step 50               0.2138    0.6167    0.2428    0.6673
+    step 100              0.1432    0.4048    0.1809    0.8501
+    step 200              0.1008    0.3447    0.1420    0.9000
+    step 300              0.0810    0.2796    0.1206    0.9259
+    last / init            0.302     0.327     0.380     2.044
 """
 
 from __future__ import annotations

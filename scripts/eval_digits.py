@@ -272,7 +272,7 @@ on scikit-learn's digits, **images 0-1499 only**. Images 1500-1796
 they are the evaluation split of every test and report. Weights are fp16 safetensors;
 `DiffusionBackbone` loads them as fp32.
 
-Recipe (`scripts/train_digits.py`, its default preset `bundled`: v2 with 1-pixel shifts): VAE {vae_steps} steps at batch 32 (L1 + MSE + 1e-4
+Recipe (`scripts/train_digits.py`, its default preset `bundled`: v2 with 1-pixel shifts, at batch 64): VAE {vae_steps} steps at batch 32 (L1 + MSE + 1e-4
 KL, AdamW 1e-3), scaling factor 1 / std of the training latents; then the UNet (channels 64/128,
 {layers_per_block} layer(s) per block, cross-attention at {cross_attention_levels} of 2 levels, dim 64)
 and the text encoder jointly, {unet_steps} steps at batch {batch}, AdamW {lr} (wd 1e-2), warm-up +
