@@ -15,8 +15,9 @@ Data: scikit-learn's digits, images 0-1499 only (``diffperc.data.digits.load("tr
 Images 1500-1796 are never seen. Weights are written as fp16 safetensors.
 
 The default preset ``bundled`` (v2 with 1-pixel shift augmentation, batch 64: 2400 steps in
-under 40 minutes on 2 cores) is what ``checkpoints/digits`` was trained with. Every difference between v1 and v2 is a flag (``--preset v1`` rebuilds v1's recipe), so
-``scripts/ablate_digits.py`` can train each one alone; its table is in the model card.
+under 40 minutes on 2 cores) is what ``checkpoints/digits`` was trained with. Every difference
+between v1 and v2 is a flag (``--preset v1`` rebuilds v1's recipe), so ``scripts/ablate_digits.py``
+can train each one alone; its table is in the model card.
 
     python scripts/train_digits.py --out checkpoints/digits          # the bundled model, then scripts/eval_digits.py
     python scripts/train_digits.py --preset v1 --out /tmp/digits_v1  # the v1 recipe
@@ -263,7 +264,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bundled",
                         help="bundled (default): the recipe of checkpoints/digits, v2 + 1-pixel shifts at batch 64; "
-                             "v2: without the shifts; v1: the first bundled model's recipe")
+                             "v2: without the shifts, at batch 128; v1: the first bundled model's recipe")
     for f in dataclasses.fields(Recipe):
         kind = _yes_no if isinstance(f.default, bool) else type(f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
