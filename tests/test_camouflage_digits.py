@@ -13,7 +13,6 @@ pytest.importorskip("pycocotools")
 pytest.importorskip("scipy")
 
 
-
 def _script():
     return load_script("camo_digits")
 

@@ -9,7 +9,6 @@ from script_helpers import load_script
 pytest.importorskip("sklearn")
 
 
-
 def _script():
     return load_script("mllm_digits")
 
